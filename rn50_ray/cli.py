@@ -1,0 +1,187 @@
+"""`launch.py` subcommands: train, evaluate, prepare-sample, bench.
+
+Flags are shortcuts for config keys; `--set key=value` reaches every key. Bad input ends
+with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rn50_ray.config import Config, field_help, load_config, parse_override
+from rn50_ray.errors import UserError
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+# flag -> (config key, argparse options)
+TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "--data": ("data.path", {}),
+    "--backend": ("data.backend", {}),
+    "--image-size": ("data.image_size", {"type": int}),
+    "--loader-workers": ("data.loader_workers", {"type": int}),
+    "--skip-bad-images": ("data.skip_bad_images", {"action": "store_const", "const": True}),
+    "--arch": ("model.arch", {}),
+    "--epochs": ("schedule.epochs", {"type": int}),
+    "--warmup-epochs": ("schedule.warmup_epochs", {"type": float}),
+    "--lr-schedule": ("schedule.kind", {}),
+    "--batch-size": ("batch.per_worker", {"type": int}),
+    "--global-batch": ("batch.global_size", {"type": int}),
+    "--lr-per-256": ("optim.lr_per_256", {"type": float}),
+    "--momentum": ("optim.momentum", {"type": float}),
+    "--mixup": ("optim.mixup_alpha", {"type": float}),
+    "--ema": ("optim.ema_decay", {"type": float}),
+    "--precision": ("system.precision", {}),
+    "--compile": ("system.compile", {"action": "store_const", "const": True}),
+    "--seed": ("system.seed", {"type": int}),
+    "--workers": ("scale.workers", {}),
+    "--gpus-per-worker": ("scale.gpus_per_worker", {"type": float}),
+    "--cpus-per-worker": ("scale.cpus_per_worker", {"type": float}),
+    "--max-failures": ("scale.max_failures", {"type": int}),
+    "--address": ("scale.address", {}),
+    "--no-resource-check": ("scale.check_resources", {"action": "store_const", "const": False}),
+    "--name": ("run.name", {}),
+    "--storage": ("run.storage", {}),
+    "--log-every": ("run.log_every", {"type": int}),
+    "--checkpoint-every-steps": ("run.checkpoint_every_steps", {"type": int}),
+    "--keep-checkpoints": ("run.keep_checkpoints", {"type": int}),
+    "--stop-after-epochs": ("run.stop_after_epochs", {"type": int}),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and status 2, as for every other bad input
+        raise UserError(f"{self.prog}: {message}")
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    helps = field_help()
+    p.add_argument("--config", action="append", default=[], metavar="YAML", help="config file (repeatable; later files win)")
+    p.add_argument(
+        "--recipe", help=f"a recipe from {RECIPES.name}/: " + ", ".join(sorted(f.stem for f in RECIPES.glob("*.yaml")))
+    )
+    for flag, (key, opts) in TRAIN_FLAGS.items():
+        p.add_argument(flag, dest=key, default=None, help=f"{key}: {helps[key]}", **opts)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. optim.nesterov=true")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    files = list(args.config)
+    if args.recipe:
+        recipe = RECIPES / f"{args.recipe}.yaml"
+        if not recipe.is_file():
+            raise UserError(
+                f"--recipe: no recipe {args.recipe!r}; choose from " + ", ".join(sorted(f.stem for f in RECIPES.glob("*.yaml")))
+            )
+        files.insert(0, str(recipe))
+    overrides = {key: getattr(args, key) for key, _ in TRAIN_FLAGS.values() if getattr(args, key) is not None}
+    overrides.update(dict(parse_override(s) for s in args.set))
+    return load_config(files, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rn50_ray.ray_app import run_training
+
+    summary = run_training(config_from_args(args))
+    line = (
+        f"summary: {summary.get('epoch', 0)} epochs, {summary.get('step', 0)} steps, val top1 "
+        f"{summary.get('val/top1', float('nan')):.2f}% top5 {summary.get('val/top5', float('nan')):.2f}% "
+        f"(best top1 {summary.get('best_top1', 0):.2f}%), resizes {summary.get('resizes', 0)}"
+    )
+    print(line)
+    print(f"run folder: {summary['run_uri']}")
+    if summary.get("checkpoint"):
+        print(f"latest checkpoint: {summary['checkpoint']}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from rn50_ray.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint, data=args.data, batch_size=args.batch_size, device=args.device, workers=args.loader_workers
+    )
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(
+            f"top1 {result['top1']:.2f}%  top5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
+            f"({result['images']} images, epoch {result['epoch']})"
+        )
+        if "ema_top1" in result:
+            print(f"EMA: top1 {result['ema_top1']:.2f}%  top5 {result['ema_top5']:.2f}%  loss {result['ema_loss']:.4f}")
+    return 0
+
+
+def cmd_prepare_sample(args: argparse.Namespace) -> int:
+    from rn50_ray.data.sample import prepare_sample
+
+    out = prepare_sample(
+        args.out,
+        train_per_class=args.train_per_class,
+        val_per_class=args.val_per_class,
+        size=args.size,
+        source=args.source,
+        force=args.force,
+    )
+    print(f"wrote {out} ({args.train_per_class} train and {args.val_per_class} val images per class, {args.size} px)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rn50_ray.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="launch.py", description="ResNet50 v1.5 with NVIDIA's recipe on Ray Train")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train (or resume) a run through Ray Train")
+    add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="top-1/top-5/loss of a checkpoint on the val split, without Ray")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder (or its state.pt)")
+    p.add_argument("--data", help="data folder; default: the one the checkpoint was trained on")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--loader-workers", type=int, default=2)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("prepare-sample", help="write a small ImageNet-style JPEG folder from Fashion-MNIST")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train-per-class", type=int, default=100)
+    p.add_argument("--val-per-class", type=int, default=20)
+    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--source", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_prepare_sample)
+
+    p = sub.add_parser("bench", help="throughput of the training step and of the input pipelines")
+    p.add_argument("what", choices=("train", "data"))
+    add_config_args(p)
+    p.add_argument("--steps", type=int, default=20, help="measured steps after the warm-up")
+    p.add_argument("--warmup", type=int, default=5, help="steps before measuring")
+    p.add_argument("--backends", default="synthetic,pytorch", help="comma-separated backends to compare")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130

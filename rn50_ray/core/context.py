@@ -1,0 +1,77 @@
+"""The narrow interface between the training loop and whatever runs it.
+
+`fit` only talks to a TrainContext: Ray Train provides one (`rn50_ray.ray_app.RayContext`),
+and `LocalContext` runs the loop in one process with no Ray, for tests, benchmarks and a bare
+GPU machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+
+class TrainContext(Protocol):
+    world_rank: int
+    world_size: int
+    device: torch.device
+
+    def latest_checkpoint(self) -> str | None:
+        """A local folder holding the checkpoint to resume from, or None."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str) -> None:
+        """Called by every rank the same number of times; rank 0 passes the checkpoint."""
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write a small file into the run folder (rank 0 only)."""
+
+    def log(self, line: str) -> None:
+        """Print a line on rank 0."""
+
+
+class LocalContext:
+    """One process, checkpoints under `run_dir/checkpoint_*`, the newest K kept."""
+
+    def __init__(self, run_dir: str | os.PathLike, device: str | torch.device = "cpu", keep: int = 3, quiet: bool = False):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.world_rank, self.world_size, self.device = 0, 1, torch.device(device)
+        self.keep, self.quiet = keep, quiet
+        self.reports: list[dict[str, Any]] = []
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(p for p in self.run_dir.glob("checkpoint_*") if (p / "state.pt").is_file())
+
+    def latest_checkpoint(self) -> str | None:
+        found = self.checkpoints()
+        return str(found[-1]) if found else None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir:
+            final = self.run_dir / f"checkpoint_{name}"
+            tmp = self.run_dir / f".tmp_checkpoint_{name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # a folder appears whole or not at all
+            for old in self.checkpoints()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def write_text(self, name: str, text: str) -> None:
+        tmp = self.run_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, self.run_dir / name)
+
+    def log(self, line: str) -> None:
+        if not self.quiet:
+            print(line, flush=True)
+
+
+def jsonl(records: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)

@@ -1,0 +1,271 @@
+"""`fit`: epochs of train steps, evaluation, checkpoints and progress lines, through a TrainContext."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from rn50_ray.core import recipe
+from rn50_ray.core.context import TrainContext, jsonl
+from rn50_ray.core.model import build_model, model_kwargs
+from rn50_ray.core.state import Progress, load_checkpoint, progress_from_dict, rng_state, save_checkpoint, set_rng_state
+from rn50_ray.core.step import Precision, eval_step, resolve_precision, train_step
+
+
+def use_channels_last(memory_format: str, device: torch.device) -> bool:
+    return memory_format == "channels_last" or (memory_format == "auto" and device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, num_classes: int, precision: Precision, device: torch.device) -> dict[str, float]:
+    """Top-1, top-5 (in %) and loss over this rank's batches, summed over all ranks by torchmetrics."""
+    was_training = model.training
+    model.eval()
+    top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro").to(device)
+    top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro").to(device)
+    loss = MeanMetric().to(device)
+    for images, labels in batches:
+        logits = eval_step(model, images, precision)
+        top1.update(logits, labels)
+        top5.update(logits, labels)
+        loss.update(F.cross_entropy(logits, labels), weight=labels.numel())
+    model.train(was_training)
+    return {"top1": 100 * top1.compute().item(), "top5": 100 * top5.compute().item(), "loss": loss.compute().item()}
+
+
+class Trainer:
+    """The model, optimizer, scheduler, scaler and EMA of one worker, and their checkpoint state."""
+
+    def __init__(self, cfg, device: torch.device, num_classes: int, plan: recipe.BatchPlan, steps_per_epoch: int):
+        self.cfg, self.device, self.plan, self.steps_per_epoch = cfg, device, plan, steps_per_epoch
+        self.num_classes = num_classes
+        self.precision = resolve_precision(cfg.system.precision, device)
+        self.channels_last = use_channels_last(cfg.model.memory_format, device)
+        torch.manual_seed(cfg.system.seed)  # the same initial weights on every rank
+        self.model = build_model(**model_kwargs(cfg.model, num_classes, self.channels_last)).to(device)
+        self.optimizer = recipe.build_optimizer(
+            self.model, cfg.optim, recipe.peak_lr(cfg.optim.lr_per_256, plan.global_size), device
+        )
+        self.scheduler = recipe.build_scheduler(self.optimizer, cfg.schedule, steps_per_epoch)
+        self.scaler = self.precision.scaler(cfg.system.loss_scale)
+        self.ema = recipe.build_ema(self.model, cfg.optim.ema_decay)
+        self.criterion = recipe.build_criterion(cfg.optim.label_smoothing)
+        self.mixup = recipe.build_mixup(cfg.optim.mixup_alpha, num_classes)
+        self.progress = Progress()
+
+    def state_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "progress": asdict(self.progress),
+            "rng": rng_state(),
+            "config": self.cfg.to_dict(),
+            "num_classes": self.num_classes,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        self.progress = progress_from_dict(state["progress"])
+        set_rng_state(state["rng"])
+
+    def wrap(self, world_size: int) -> nn.Module:
+        """DDP when distributed, then torch.compile when asked. Loading happens before this."""
+        model: nn.Module = self.model
+        if world_size > 1 and dist.is_initialized():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if self.cfg.system.compile:
+            model = torch.compile(model)
+        return model
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> list[float]:
+    t = torch.as_tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, Any]:
+    """Train from the context's latest checkpoint (or from scratch) to the end of the schedule."""
+    device = ctx.device
+    train, steps_per_epoch = loaders.train, loaders.train.steps_per_epoch
+    trainer = Trainer(cfg, device, loaders.num_classes, plan, steps_per_epoch)
+    if cfg.system.cudnn_benchmark and device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    for note in loaders.notes:
+        ctx.log(note)
+    resume = ctx.latest_checkpoint()
+    if resume:
+        trainer.load_state_dict(load_checkpoint(resume, map_location=device))
+        p = trainer.progress
+        ctx.log(f"resumed from {resume}: epoch {p.epoch}, step {p.step} ({p.step_in_epoch} into the epoch)")
+        if p.world_size and p.world_size != ctx.world_size:
+            p.resizes.append({"step": p.step, "old": p.world_size, "new": ctx.world_size})
+            ctx.log(
+                f"resize: world size {p.world_size} -> {ctx.world_size} at step {p.step}; the global batch "
+                f"stays {plan.global_size} ({plan.micro} x {plan.accum} accumulation per rank)"
+            )
+    progress = trainer.progress
+    progress.world_size = ctx.world_size
+    model = trainer.wrap(ctx.world_size)
+    model.train()
+    total_steps = cfg.schedule.epochs * steps_per_epoch
+    ctx.log(
+        f"plan: global batch {plan.global_size} = {ctx.world_size} workers x {plan.micro} x {plan.accum} "
+        f"accumulation; {steps_per_epoch} steps per epoch; peak LR "
+        f"{recipe.peak_lr(cfg.optim.lr_per_256, plan.global_size):.4g}; precision {trainer.precision.name}; "
+        f"{'channels_last' if trainer.channels_last else 'contiguous'}"
+    )
+    epochs_this_run = 0
+    val: dict[str, float] = {}
+    summary: dict[str, Any] = {}
+    while progress.epoch < cfg.schedule.epochs:
+        epoch = progress.epoch
+        t_epoch = t_mark = time.perf_counter()
+        data_wait = 0.0
+        loss_sum = torch.zeros((), device=device)
+        interval_steps = 0
+        epoch_loss = torch.zeros((), device=device)
+        start = progress.step_in_epoch
+        batches = iter(train.epoch(epoch, start))
+        while True:
+            t0 = time.perf_counter()
+            item = next(batches, None)
+            data_wait += time.perf_counter() - t0
+            if item is None:
+                break
+            images, labels = item
+            if trainer.mixup is not None:
+                torch.manual_seed(cfg.system.seed * 1_000_003 + progress.step * 101 + ctx.world_rank)
+                images, labels = trainer.mixup(images, labels)
+            loss = train_step(
+                model,
+                images,
+                labels,
+                optimizer=trainer.optimizer,
+                scaler=trainer.scaler,
+                criterion=trainer.criterion,
+                precision=trainer.precision,
+                accum=plan.accum,
+            )
+            trainer.scheduler.step()
+            if trainer.ema is not None:
+                trainer.ema.update_parameters(trainer.model)
+            progress.step += 1
+            progress.step_in_epoch += 1
+            loss_sum += loss
+            epoch_loss += loss
+            interval_steps += 1
+            if progress.step_in_epoch % cfg.run.log_every == 0 or progress.step_in_epoch == steps_per_epoch:
+                # The only host sync of an interval: one all-reduce and one read.
+                (total_loss,) = _all_reduce_sum(loss_sum.reshape(1), device)
+                now = time.perf_counter()
+                elapsed = now - t_mark
+                images_done = interval_steps * plan.global_size
+                ips = images_done / max(elapsed, 1e-9)
+                compute_ips = images_done / max(elapsed - data_wait, 1e-9)
+                eta = (total_steps - progress.step) * elapsed / interval_steps
+                lr = trainer.optimizer.param_groups[0]["lr"]
+                scale = f" scale {trainer.scaler.get_scale():.0f}" if trainer.scaler.is_enabled() else ""
+                ctx.log(
+                    f"epoch {epoch + 1}/{cfg.schedule.epochs} step {progress.step_in_epoch}/{steps_per_epoch} "
+                    f"loss {total_loss / (interval_steps * ctx.world_size):.4f} lr {lr:.5f}{scale} "
+                    f"img/s {ips:.1f} (compute {compute_ips:.1f}) eta {_fmt_time(eta)}"
+                )
+                loss_sum.zero_()
+                interval_steps, data_wait, t_mark = 0, 0.0, time.perf_counter()
+            every = cfg.run.checkpoint_every_steps
+            if every and progress.step % every == 0 and progress.step_in_epoch < steps_per_epoch:
+                _report(ctx, trainer, {"epoch": epoch, "step": progress.step, "world_size": ctx.world_size})
+        epoch_time = time.perf_counter() - t_epoch
+        steps_done = progress.step_in_epoch - start
+        (mean_loss,) = _all_reduce_sum(epoch_loss.reshape(1), device)
+        mean_loss /= max(steps_done, 1) * ctx.world_size
+        val = evaluate(model, loaders.val.batches(), loaders.num_classes, trainer.precision, device)
+        record = {
+            "epoch": epoch + 1,
+            "step": progress.step,
+            "train/loss": mean_loss,
+            "train/lr": trainer.optimizer.param_groups[0]["lr"],
+            "train/img_per_s": steps_done * plan.global_size / max(epoch_time, 1e-9),
+            "val/top1": val["top1"],
+            "val/top5": val["top5"],
+            "val/loss": val["loss"],
+            "world_size": ctx.world_size,
+            "epoch_time_s": epoch_time,
+        }
+        if trainer.ema is not None:
+            ema_val = evaluate(trainer.ema.module, loaders.val.batches(), loaders.num_classes, trainer.precision, device)
+            record.update({f"val_ema/{k}": v for k, v in ema_val.items()})
+        if getattr(train, "skipped", 0):
+            record["data/skipped_images"] = train.skipped
+        if math.isnan(mean_loss):
+            raise FloatingPointError(f"train loss is NaN at epoch {epoch + 1}; lower optim.lr_per_256")
+        progress.epoch += 1
+        progress.step_in_epoch = 0
+        progress.best_top1 = max(progress.best_top1, val["top1"])
+        progress.history.append(record)
+        ctx.log(
+            f"epoch {epoch + 1}/{cfg.schedule.epochs} done in {epoch_time:.1f} s: train loss {mean_loss:.4f} | "
+            f"val top1 {val['top1']:.2f}% top5 {val['top5']:.2f}% loss {val['loss']:.4f} | "
+            f"{record['train/img_per_s']:.1f} img/s"
+        )
+        if ctx.world_rank == 0:
+            ctx.write_text("metrics.jsonl", jsonl(progress.history))
+        _report(ctx, trainer, record)
+        epochs_this_run += 1
+        summary = {
+            **record,
+            "best_top1": progress.best_top1,
+            "resizes": len(progress.resizes),
+            "finished": progress.epoch >= cfg.schedule.epochs,
+        }
+        if cfg.run.stop_after_epochs and epochs_this_run >= cfg.run.stop_after_epochs:
+            if progress.epoch < cfg.schedule.epochs:
+                ctx.log(f"stopping after {epochs_this_run} epoch(s) as asked; rerun the same command to continue")
+            break
+    if not summary:  # nothing left to train: report the last state again
+        summary = {
+            **(progress.history[-1] if progress.history else {}),
+            "best_top1": progress.best_top1,
+            "resizes": len(progress.resizes),
+            "finished": True,
+        }
+    return summary
+
+
+def _report(ctx: TrainContext, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    """Every rank reports (a barrier under Ray); rank 0 writes the checkpoint first."""
+    name = f"epoch{trainer.progress.epoch:04d}_step{trainer.progress.step:08d}"
+    if ctx.world_rank != 0:
+        ctx.report(metrics, None, name)
+        return
+    with tempfile.TemporaryDirectory(prefix="rn50-ckpt-") as tmp:
+        save_checkpoint(tmp, trainer.state_dict(), trainer.cfg.to_yaml())
+        ctx.report(metrics, tmp, name)

@@ -1,0 +1,118 @@
+"""NVIDIA's ResNet50 v1.5 recipe: batch plan, parameter groups, optimizer, LR schedule, loss.
+
+Every function takes plain values or one config section, never the whole config tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.optim import lr_scheduler
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step of `global_size` images splits over the workers.
+
+    The global batch is fixed; the per-rank share and the accumulation steps follow from the
+    world size at each (re)start, so steps per epoch, the LR curve and the results do not
+    depend on how many workers happen to be alive.
+    """
+
+    global_size: int
+    world_size: int
+    micro: int  # images per forward/backward on one rank
+    accum: int  # micro-batches per optimizer step
+
+    @property
+    def per_rank(self) -> int:
+        return self.micro * self.accum
+
+    def steps_per_epoch(self, dataset_size: int) -> int:
+        return dataset_size // self.global_size
+
+
+def plan_batches(global_size: int, world_size: int, max_micro: int) -> BatchPlan:
+    """Split `global_size` evenly over ranks, then into the fewest micro-batches <= max_micro."""
+    if global_size % world_size:
+        raise ValueError(f"batch.global_size {global_size} is not divisible by the world size {world_size}")
+    per_rank = global_size // world_size
+    accum = next(a for a in range(1, per_rank + 1) if per_rank % a == 0 and per_rank // a <= max_micro)
+    return BatchPlan(global_size, world_size, per_rank // accum, accum)
+
+
+def peak_lr(lr_per_256: float, global_size: int) -> float:
+    return lr_per_256 * global_size / 256
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_bn_and_bias: bool = False) -> list[dict]:
+    """Weight decay on conv and linear weights only. BN parameters and every bias are found by
+    module type and parameter name, so the downsample BNs and the FC bias are excluded too
+    (NVIDIA's name match on "bn" misses them)."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        is_norm = isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm))
+        for name, p in module.named_parameters(recurse=False):
+            exempt = (is_norm or name == "bias") and not decay_bn_and_bias
+            (no_decay if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, optim_cfg, lr: float, device: torch.device) -> torch.optim.SGD:
+    impl = optim_cfg.impl
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else "foreach"
+    return torch.optim.SGD(
+        param_groups(model, optim_cfg.weight_decay, optim_cfg.bn_bias_decay),
+        lr=lr,
+        momentum=optim_cfg.momentum,
+        nesterov=optim_cfg.nesterov,
+        fused=impl == "fused" or None,
+        foreach=impl == "foreach" or None,
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg, steps_per_epoch: int) -> lr_scheduler.LRScheduler:
+    """Per-iteration linear warmup, then cosine, linear or step decay; stepped once per optimizer step."""
+    total = sched_cfg.epochs * steps_per_epoch
+    warmup = min(round(sched_cfg.warmup_epochs * steps_per_epoch), max(total - 1, 0))
+    base = optimizer.param_groups[0]["lr"]
+    after = max(total - warmup, 1)
+    if sched_cfg.kind == "cosine":
+        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=after, eta_min=sched_cfg.end_lr)
+    elif sched_cfg.kind == "linear":
+        end = min(sched_cfg.end_lr / base, 1.0) if base > 0 else 0.0
+        main = lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=end, total_iters=after)
+    elif sched_cfg.kind == "step":
+        milestones = [max(m * steps_per_epoch - warmup, 1) for m in sched_cfg.milestones]
+        main = lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=sched_cfg.gamma)
+    else:
+        raise ValueError(f"schedule.kind: expected cosine, linear or step, got {sched_cfg.kind!r}")
+    if warmup <= 1:
+        return main
+    # lr(s) = base * (s + 1) / warmup for s < warmup, as NVIDIA's (s counted in iterations, not epochs).
+    warm = lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=warmup - 1)
+    return lr_scheduler.SequentialLR(optimizer, schedulers=[warm, main], milestones=[warmup])
+
+
+def build_criterion(label_smoothing: float) -> nn.Module:
+    # CrossEntropyLoss takes class indices or, under mixup, class probabilities.
+    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+def build_mixup(alpha: float, num_classes: int):
+    """torchvision's batch MixUp, or None when off."""
+    if alpha <= 0:
+        return None
+    from torchvision.transforms import v2
+
+    return v2.MixUp(alpha=alpha, num_classes=num_classes)
+
+
+def build_ema(model: nn.Module, decay: float) -> AveragedModel | None:
+    if decay <= 0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

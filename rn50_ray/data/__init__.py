@@ -1,0 +1,136 @@
+"""Input pipelines behind one interface: `make_loaders(cfg, shard, per_rank)` returns `Loaders`.
+
+Backends: `synthetic` (random tensors, for throughput), `pytorch` (PIL + torchvision) and,
+imported only when chosen, `dali-cpu` / `dali-gpu`. Every rank gets the same number of
+steps per epoch, because Ray's report is a barrier. Batches arrive on the device as
+normalized float tensors (channels_last when asked) with int64 labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from rn50_ray.data.folder import check_dataset
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Shard:
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+@dataclass
+class Loaders:
+    train: object  # has steps_per_epoch, epoch(epoch, start_step) -> iterator, images_per_epoch
+    val: object  # has batches() -> iterator
+    num_classes: int
+    train_size: int
+    val_size: int
+    notes: list[str] = field(default_factory=list)  # lines for the log
+
+
+class DeviceNormalizer:
+    """uint8 NCHW on the host to a normalized float tensor on the device."""
+
+    def __init__(self, device: torch.device, channels_last: bool):
+        self.device, self.channels_last = device, channels_last
+        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = images.to(self.device, non_blocking=True).to(memory_format=fmt).float()
+        return x.sub_(self.mean).div_(self.std), labels.to(self.device, non_blocking=True)
+
+
+class TorchTrain:
+    def __init__(self, loader, sampler, normalize: DeviceNormalizer, steps: int, per_rank: int, world: int):
+        self.loader, self.sampler, self.normalize = loader, sampler, normalize
+        self.steps_per_epoch, self.images_per_step = steps, per_rank * world
+        self.skipped = 0  # undecodable images dropped under --skip-bad-images
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.set_epoch(epoch, start_step)
+        for images, labels, bad in self.loader:
+            self.skipped += bad
+            yield self.normalize(images, labels)
+
+
+class TorchVal:
+    def __init__(self, loader, normalize: DeviceNormalizer):
+        self.loader, self.normalize = loader, normalize
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, _ in self.loader:
+            yield self.normalize(images, labels)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    return "pytorch" if backend == "auto" else backend
+
+
+def make_loaders(data_cfg, shard: Shard, per_rank: int, *, global_batch: int, seed: int, channels_last: bool) -> Loaders:
+    backend = resolve_backend(data_cfg.backend, shard.device)
+    if backend == "synthetic":
+        from rn50_ray.data.synthetic import make_synthetic_loaders
+
+        return make_synthetic_loaders(
+            data_cfg, shard, per_rank, global_batch=global_batch, seed=seed, channels_last=channels_last
+        )
+    if backend in ("dali-cpu", "dali-gpu"):
+        raise NotImplementedError(f"data.backend {backend!r} is not available in this version; use pytorch")
+    from rn50_ray.data import pytorch as tp
+
+    train_split, val_split = check_dataset(data_cfg.path)
+    steps = len(train_split) // global_batch
+    if steps == 0:
+        from rn50_ray.errors import DataError
+
+        raise DataError(
+            f"{train_split.root}: {len(train_split)} images is less than one global batch "
+            f"({global_batch}); lower batch.global_size"
+        )
+    pin = shard.device.type == "cuda"
+    normalize = DeviceNormalizer(shard.device, channels_last)
+    tsampler = tp.ShardSampler(len(train_split), shard.rank, shard.world_size, per_rank, steps, seed, shuffle=True)
+    vsampler = tp.ShardSampler(len(val_split), shard.rank, shard.world_size, per_rank, 0, seed, shuffle=False)
+    workers = data_cfg.loader_workers
+    train = tp.make_loader(
+        train_split,
+        tp.train_transform(data_cfg.image_size, data_cfg.crop_area_min),
+        tsampler,
+        per_rank,
+        workers,
+        pin,
+        data_cfg.skip_bad_images,
+    )
+    val = tp.make_loader(
+        val_split,
+        tp.val_transform(data_cfg.image_size, data_cfg.val_crop_ratio),
+        vsampler,
+        per_rank,
+        workers,
+        pin,
+        data_cfg.skip_bad_images,
+    )
+    notes = [
+        f"data: pytorch backend, {len(train_split)} train / {len(val_split)} val images, "
+        f"{len(train_split.classes)} classes, {steps} steps per epoch"
+    ]
+    if train_split.ignored or val_split.ignored:
+        notes.append(f"data: ignored {train_split.ignored + val_split.ignored} non-image files")
+    return Loaders(
+        TorchTrain(train, tsampler, normalize, steps, per_rank, shard.world_size),
+        TorchVal(val, normalize),
+        len(train_split.classes),
+        len(train_split),
+        len(val_split),
+        notes,
+    )

@@ -1,0 +1,64 @@
+"""The ImageNet folder layout: DATA/{train,val}/<class>/<image>. Checked once on the driver.
+
+Classes are the sorted folder names, as torchvision's ImageFolder has them, so every backend
+gives the same labels. Files whose extension is not an image's are ignored and counted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from rn50_ray.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class Split:
+    root: Path
+    classes: tuple[str, ...]
+    samples: tuple[tuple[str, int], ...]  # (path, label)
+    ignored: int  # files skipped for their extension
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def scan_split(root: str | os.PathLike, split: str) -> Split:
+    base = Path(root) / split
+    if not base.is_dir():
+        raise DataError(f"{base}: missing; expected {split}/<class>/<image> folders under {root}")
+    classes = tuple(sorted(e.name for e in os.scandir(base) if e.is_dir()))
+    if not classes:
+        raise DataError(f"{base}: no class folders; expected {split}/<class>/<image>")
+    samples, ignored = [], 0
+    for label, name in enumerate(classes):
+        found = 0
+        for dirpath, _, files in sorted(os.walk(base / name, followlinks=True)):
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    samples.append((os.path.join(dirpath, f), label))
+                    found += 1
+                else:
+                    ignored += 1
+        if not found:
+            raise DataError(f"{base / name}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return Split(base, classes, tuple(samples), ignored)
+
+
+def check_dataset(root: str | os.PathLike) -> tuple[Split, Split]:
+    """Scan train/ and val/ and check that they hold the same classes."""
+    if not str(root):
+        raise DataError("data.path: no data folder given (use --data DIR)")
+    if not Path(root).is_dir():
+        raise DataError(f"{root}: data folder not found")
+    train, val = scan_split(root, "train"), scan_split(root, "val")
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise DataError(
+            f"{root}: train/ and val/ have different classes (only in train: {only_train[:5]}, only in val: {only_val[:5]})"
+        )
+    return train, val

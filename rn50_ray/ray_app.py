@@ -1,0 +1,244 @@
+"""Ray Train: the worker function, its TrainContext, and the driver that builds the TorchTrainer.
+
+Resume is Ray Train V2's own: a trainer built again with the same RunConfig(storage_path,
+name) finds its checkpoint snapshot, and `ray.train.get_checkpoint()` hands every worker the
+latest checkpoint, after a driver restart, a worker failure or an elastic resize alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray
+import ray.train
+import ray.train.torch
+import yaml
+
+from rn50_ray.config import Config
+from rn50_ray.core.loop import fit, use_channels_last
+from rn50_ray.core.recipe import plan_batches
+from rn50_ray.data import Shard, make_loaders
+from rn50_ray.data.folder import check_dataset
+from rn50_ray.errors import ConfigError, DataError, UserError, find_user_error
+
+PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def run_filesystem(run_uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and path for a local folder or a URI (s3://, gs://, ...)."""
+    if "://" in run_uri:
+        return pafs.FileSystem.from_uri(run_uri)
+    return pafs.LocalFileSystem(), os.path.abspath(run_uri)
+
+
+def write_run_file(run_uri: str, name: str, text: str) -> None:
+    fs, base = run_filesystem(run_uri)
+    fs.create_dir(base, recursive=True)
+    tmp = f"{base}/.{name}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(text.encode())
+    fs.move(tmp, f"{base}/{name}")  # atomic on local disks; object stores replace whole objects anyway
+
+
+def read_run_file(run_uri: str, name: str) -> str | None:
+    fs, base = run_filesystem(run_uri)
+    try:
+        with fs.open_input_stream(f"{base}/{name}") as f:
+            return f.read().decode()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+class RayContext:
+    """TrainContext over ray.train: rank, device, checkpoints and reports."""
+
+    def __init__(self, run_uri: str):
+        tctx = ray.train.get_context()
+        self.world_rank, self.world_size = tctx.get_world_rank(), tctx.get_world_size()
+        self.device = ray.train.torch.get_device()  # the index into CUDA_VISIBLE_DEVICES, not a physical id
+        self.run_uri = run_uri
+
+    def latest_checkpoint(self) -> str | None:
+        ckpt = ray.train.get_checkpoint()
+        return ckpt.to_directory() if ckpt else None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{name}")
+
+    def write_text(self, name: str, text: str) -> None:
+        write_run_file(self.run_uri, name, text)
+
+    def log(self, line: str) -> None:
+        if self.world_rank == 0:
+            print(line, flush=True)
+
+
+def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
+    cfg = Config.from_dict(payload["config"], source="worker config")
+    ctx = RayContext(payload["run_uri"])
+    plan = plan_batches(cfg.batch.global_size, ctx.world_size, cfg.batch.per_worker)
+    shard = Shard(ctx.world_rank, ctx.world_size, ctx.device)
+    loaders = make_loaders(
+        cfg.data,
+        shard,
+        plan.per_rank,
+        global_batch=plan.global_size,
+        seed=cfg.system.seed,
+        channels_last=use_channels_last(cfg.model.memory_format, ctx.device),
+    )
+    return fit(cfg, ctx, loaders, plan)
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill what the defaults leave open: the global batch, the run name, an absolute storage path."""
+    batch = cfg.batch
+    if not batch.global_size:
+        batch = dataclasses.replace(batch, global_size=batch.per_worker * cfg.max_workers)
+    data = cfg.data
+    if data.path and "://" not in data.path:
+        data = dataclasses.replace(data, path=os.path.abspath(data.path))
+    run = cfg.run
+    storage = run.storage if "://" in run.storage else os.path.abspath(run.storage)
+    name = run.name or f"rn50-{cfg.data.backend}-{cfg.fingerprint()}"
+    return dataclasses.replace(cfg, data=data, batch=batch, run=dataclasses.replace(run, name=name, storage=storage))
+
+
+def run_uri(cfg: Config) -> str:
+    return f"{cfg.run.storage.rstrip('/')}/{cfg.run.name}"
+
+
+def precheck_data(cfg: Config) -> None:
+    """Check the folder layout on the driver, before any worker starts or output is written."""
+    if cfg.data.backend == "synthetic":
+        return
+    train, _ = check_dataset(cfg.data.path)
+    if len(train) < cfg.batch.global_size:
+        raise DataError(
+            f"{train.root}: {len(train)} images is less than one global batch ({cfg.batch.global_size}); lower batch.global_size"
+        )
+    if cfg.model.num_classes and cfg.model.num_classes < len(train.classes):
+        raise ConfigError(
+            f"model.num_classes: expected at least the {len(train.classes)} classes of "
+            f"{cfg.data.path}, got {cfg.model.num_classes}"
+        )
+
+
+def check_existing_run(cfg: Config) -> bool:
+    """True when the run folder holds a run of this config (it will resume). A different
+    config under the same name is refused, never silently mixed in."""
+    text = read_run_file(run_uri(cfg), "config.yaml")
+    if text is None:
+        return False
+    old = Config.from_dict(yaml.safe_load(text), source=f"{run_uri(cfg)}/config.yaml")
+    if old.fingerprint() != cfg.fingerprint():
+        a, b = _flat(old.to_dict()), _flat(cfg.to_dict())
+        diff = [k for k in b if a.get(k) != b[k] and not k.startswith(("run.", "scale.address"))]
+        raise ConfigError(
+            f"run.name: run {cfg.run.name!r} in {cfg.run.storage} was started with another config "
+            f"(differs in {', '.join(diff[:6])}); pass a new --name to start a new run"
+        )
+    return True
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def connect(cfg: Config) -> None:
+    # Worker prints reach the console once, through Ray's log forwarding, not twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if ray.is_initialized():
+        return
+    address = cfg.scale.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:  # a local Ray whose workers import this checkout
+        ray.init(
+            log_to_driver=True,
+            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([PROJECT_ROOT, os.environ.get("PYTHONPATH", "")])}},
+        )
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail fast instead of waiting forever for workers that the cluster can never place."""
+    have = ray.cluster_resources()
+    n = cfg.min_workers
+    need_cpu, need_gpu = n * cfg.scale.cpus_per_worker, n * cfg.scale.gpus_per_worker
+    if need_cpu > have.get("CPU", 0) or need_gpu > have.get("GPU", 0):
+        raise UserError(
+            f"scale.workers: {n} workers need {need_cpu:g} CPUs and {need_gpu:g} GPUs, but the Ray "
+            f"cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs; lower --workers "
+            f"or --cpus-per-worker, add nodes, or pass --no-resource-check on an autoscaling cluster"
+        )
+
+
+def build_trainer(cfg: Config) -> ray.train.torch.TorchTrainer:
+    gpus = cfg.scale.gpus_per_worker
+    workers: int | tuple[int, int] = cfg.min_workers if cfg.min_workers == cfg.max_workers else (cfg.min_workers, cfg.max_workers)
+    resources = {"CPU": cfg.scale.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    return ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_uri": run_uri(cfg)},
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if gpus else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scale.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+def has_checkpoint(cfg: Config) -> bool:
+    fs, base = run_filesystem(run_uri(cfg))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))
+    except (FileNotFoundError, OSError):
+        return False
+    return any(i.base_name.startswith("checkpoint_") and i.type == pafs.FileType.Directory for i in infos)
+
+
+def remove_run(cfg: Config) -> None:
+    fs, base = run_filesystem(run_uri(cfg))
+    try:
+        fs.delete_dir(base)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def run_training(cfg: Config) -> dict[str, Any]:
+    """Driver: check, connect, train, and return rank 0's summary."""
+    cfg = resolve(cfg)
+    precheck_data(cfg)
+    resuming = check_existing_run(cfg)
+    connect(cfg)
+    if cfg.scale.check_resources:
+        check_resources(cfg)
+    print(f"run {cfg.run.name!r} in {cfg.run.storage} ({'resuming' if resuming else 'new run'})", flush=True)
+    print("resolved config:\n" + "\n".join("  " + ln for ln in cfg.to_yaml().splitlines()), flush=True)
+    created = not resuming
+    write_run_file(run_uri(cfg), "config.yaml", cfg.to_yaml())
+    try:
+        result = build_trainer(cfg).fit()
+    except Exception as e:
+        message = find_user_error(e)
+        if message and created and not has_checkpoint(cfg):
+            remove_run(cfg)  # bad input found by a worker: leave no half-made run behind
+        if message:
+            raise UserError(message) from None
+        raise
+    summary = dict(result.return_value or {})
+    summary["run_uri"] = run_uri(cfg)
+    best = result.checkpoint if hasattr(result, "checkpoint") else None
+    summary["checkpoint"] = best.path if best else None
+    return summary

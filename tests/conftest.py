@@ -1,0 +1,58 @@
+"""Shared fixtures: real Fashion-MNIST JPEG folders and a runner for launch.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rn50_ray.data.sample import DEFAULT_SOURCE, prepare_sample  # noqa: E402
+
+
+def _need_fashion_mnist() -> None:
+    if not Path(DEFAULT_SOURCE).is_dir():
+        pytest.fail(f"{DEFAULT_SOURCE} missing: apt-get install -y dataset-fashion-mnist (.ci/run installs it)")
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory) -> Path:
+    """100 train and 20 val 32 px JPEGs per class (1,000 / 200 images)."""
+    _need_fashion_mnist()
+    return prepare_sample(tmp_path_factory.mktemp("data") / "sample", train_per_class=100, val_per_class=20, size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """20 train and 5 val images per class: fast runs that only need to go through the motions."""
+    _need_fashion_mnist()
+    return prepare_sample(tmp_path_factory.mktemp("data") / "tiny", train_per_class=20, val_per_class=5, size=32)
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    def _copy(src: Path) -> Path:
+        dst = tmp_path / "data"
+        shutil.copytree(src, dst)
+        return dst
+
+    return _copy
+
+
+def launch_cmd(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "launch.py"), *map(str, args)]
+
+
+def launch(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(launch_cmd(*args), cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+# Overrides for short CPU runs on the 32 px samples (the cpu_demo recipe does the rest).
+FAST = ("--recipe", "cpu_demo", "--log-every", "5")

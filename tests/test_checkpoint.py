@@ -1,0 +1,90 @@
+"""Checkpoints: atomic writes, safe loads, and exact resume of the core loop (no Ray)."""
+
+import shutil
+
+import pytest
+import torch
+
+from rn50_ray.config import load_config
+from rn50_ray.core.context import LocalContext
+from rn50_ray.core.loop import fit
+from rn50_ray.core.recipe import plan_batches
+from rn50_ray.core.state import load_checkpoint, save_checkpoint
+from rn50_ray.data import Shard, make_loaders
+from rn50_ray.errors import UserError
+
+
+def _run(data, run_dir, **overrides):
+    cfg = load_config(
+        [],
+        {
+            "data.path": str(data),
+            "data.backend": "pytorch",
+            "data.image_size": 32,
+            "data.loader_workers": 0,
+            "batch.per_worker": 20,
+            "batch.global_size": 20,
+            "schedule.epochs": 2,
+            "schedule.warmup_epochs": 0.5,
+            "system.precision": "fp32",
+            "model.num_classes": 0,
+            **overrides,
+        },
+    )
+    plan = plan_batches(20, 1, 20)
+    loaders = make_loaders(cfg.data, Shard(0, 1, torch.device("cpu")), 20, global_batch=20, seed=0, channels_last=False)
+    ctx = LocalContext(run_dir, quiet=True)
+    return fit(cfg, ctx, loaders, plan), ctx
+
+
+def _weights(ctx):
+    return load_checkpoint(ctx.latest_checkpoint())["model"]
+
+
+def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tiny_data, tmp_path):
+    torch.set_num_threads(1)  # fixed reduction order
+    full, full_ctx = _run(tiny_data, tmp_path / "full")
+    # "Crash" after step 13 (3 steps into epoch 2): keep only that checkpoint and resume from it.
+    _, part_ctx = _run(
+        tiny_data, tmp_path / "part", **{"run.checkpoint_every_steps": 13, "run.stop_after_epochs": 2, "run.keep_checkpoints": 10}
+    )
+    names = [p.name for p in part_ctx.checkpoints()]
+    assert "checkpoint_epoch0001_step00000013" in names
+    for p in part_ctx.checkpoints():
+        if p.name != "checkpoint_epoch0001_step00000013":
+            shutil.rmtree(p)
+    resumed, resumed_ctx = _run(tiny_data, tmp_path / "part", **{"run.checkpoint_every_steps": 13, "run.keep_checkpoints": 10})
+    assert resumed["step"] == full["step"] == 20
+    assert resumed["train/loss"] != 0
+    a, b = _weights(full_ctx), _weights(resumed_ctx)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert resumed["val/top1"] == pytest.approx(full["val/top1"])
+
+
+def test_stop_and_resume_at_an_epoch_boundary(tiny_data, tmp_path):
+    first, ctx = _run(tiny_data, tmp_path / "run", **{"run.stop_after_epochs": 1})
+    assert (first["epoch"], first["finished"]) == (1, False)
+    second, _ = _run(tiny_data, tmp_path / "run")
+    assert (second["epoch"], second["step"], second["finished"]) == (2, 20, True)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and '"epoch": 1' in lines[0] and '"val/top1"' in lines[1]
+    state = load_checkpoint(ctx.latest_checkpoint())
+    assert {"model", "optimizer", "scheduler", "scaler", "ema", "progress", "rng", "config"} <= state.keys()
+    assert not any(k.startswith("module.") for k in state["model"])
+
+
+def test_atomic_save_and_clear_errors_for_bad_files(tmp_path):
+    save_checkpoint(tmp_path / "ok", {"model": {"w": torch.ones(3)}}, "a: 1\n")
+    assert not list((tmp_path / "ok").glob(".*tmp"))
+    assert torch.equal(load_checkpoint(tmp_path / "ok")["model"]["w"], torch.ones(3))
+    data = (tmp_path / "ok" / "state.pt").read_bytes()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "state.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match=r"state\.pt: checkpoint is truncated or not a checkpoint"):
+        load_checkpoint(tmp_path / "cut")
+    with pytest.raises(UserError, match="no checkpoint here"):
+        load_checkpoint(tmp_path / "empty")
+    torch.save({"x": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(UserError, match="not an rn50-ray checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
