@@ -7,8 +7,10 @@ latest checkpoint, after a driver restart, a worker failure or an elastic resize
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import yaml
 from rn50_ray.config import Config
 from rn50_ray.core.loop import fit, use_channels_last
 from rn50_ray.core.recipe import plan_batches
+from rn50_ray.core.step import resolve_precision
 from rn50_ray.data import Shard, make_loaders
 from rn50_ray.data.folder import check_dataset
 from rn50_ray.errors import ConfigError, DataError, UserError, find_user_error
@@ -62,9 +65,16 @@ class RayContext:
         self.device = ray.train.torch.get_device()  # the index into CUDA_VISIBLE_DEVICES, not a physical id
         self.run_uri = run_uri
 
-    def latest_checkpoint(self) -> str | None:
+    @contextlib.contextmanager
+    def open_checkpoint(self) -> Iterator[str | None]:
+        # as_directory() downloads once per node under a lock; ranks sharing a node must not each
+        # write the same temporary folder (to_directory() does, and a rank then reads half a file).
         ckpt = ray.train.get_checkpoint()
-        return ckpt.to_directory() if ckpt else None
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as path:
+            yield path
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str) -> None:
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -90,6 +100,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
         global_batch=plan.global_size,
         seed=cfg.system.seed,
         channels_last=use_channels_last(cfg.model.memory_format, ctx.device),
+        fp16_input=ctx.device.type == "cuda" and resolve_precision(cfg.system.precision, ctx.device).autocast_dtype is not None,
     )
     return fit(cfg, ctx, loaders, plan)
 

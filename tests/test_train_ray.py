@@ -20,7 +20,7 @@ def _history(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def learned(sample_data, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
-    out = launch("train", *FAST, "--data", sample_data, "--storage", storage, "--name", "learn")
+    out = launch("train", *FAST, "--backend", "pytorch", "--data", sample_data, "--storage", storage, "--name", "learn")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return storage / "learn", out
 
@@ -39,7 +39,7 @@ def test_two_workers_learn_well_above_chance(learned):
 
 def test_checkpoint_evaluates_outside_ray_as_reported(learned):
     run, _ = learned
-    latest = sorted(run.glob("checkpoint_*"))[-1]
+    latest = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())[-1]
     out = launch("evaluate", "--checkpoint", latest, "--json", "--device", "cpu")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -99,3 +99,12 @@ def test_more_workers_than_the_cluster_fails_fast(tiny_data, tmp_path):
     assert "scale.workers: 16 workers need 16 CPUs and 0 GPUs, but the Ray cluster has" in last
     assert time.time() - start < 120
     assert not (tmp_path / "runs").exists()
+
+
+def test_dali_cpu_workers_learn_well_above_chance(sample_data, tmp_path):
+    out = launch("train", *FAST, "--backend", "dali-cpu", "--data", sample_data, "--storage", tmp_path, "--name", "dali")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "data: dali-cpu backend" in out.stdout
+    history = _history(tmp_path / "dali")
+    assert len(history) == 6 and all(h["world_size"] == 2 for h in history)
+    assert history[-1]["val/top1"] >= 40.0, history

@@ -7,6 +7,7 @@ GPU machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,8 +22,8 @@ class TrainContext(Protocol):
     world_size: int
     device: torch.device
 
-    def latest_checkpoint(self) -> str | None:
-        """A local folder holding the checkpoint to resume from, or None."""
+    def open_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
+        """A local folder holding the checkpoint to resume from (or None), valid inside the block."""
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str) -> None:
         """Called by every rank the same number of times; rank 0 passes the checkpoint."""
@@ -50,6 +51,9 @@ class LocalContext:
     def latest_checkpoint(self) -> str | None:
         found = self.checkpoints()
         return str(found[-1]) if found else None
+
+    def open_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
+        return contextlib.nullcontext(self.latest_checkpoint())
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str) -> None:
         self.reports.append(dict(metrics))

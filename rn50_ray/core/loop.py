@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -120,17 +121,9 @@ def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, An
         torch.backends.cudnn.benchmark = True
     for note in loaders.notes:
         ctx.log(note)
-    resume = ctx.latest_checkpoint()
-    if resume:
-        trainer.load_state_dict(load_checkpoint(resume, map_location=device))
-        p = trainer.progress
-        ctx.log(f"resumed from {resume}: epoch {p.epoch}, step {p.step} ({p.step_in_epoch} into the epoch)")
-        if p.world_size and p.world_size != ctx.world_size:
-            p.resizes.append({"step": p.step, "old": p.world_size, "new": ctx.world_size})
-            ctx.log(
-                f"resize: world size {p.world_size} -> {ctx.world_size} at step {p.step}; the global batch "
-                f"stays {plan.global_size} ({plan.micro} x {plan.accum} accumulation per rank)"
-            )
+    with ctx.open_checkpoint() as resume:
+        if resume:
+            _resume(ctx, trainer, train, resume, plan)
     progress = trainer.progress
     progress.world_size = ctx.world_size
     model = trainer.wrap(ctx.world_size)
@@ -202,7 +195,7 @@ def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, An
                 interval_steps, data_wait, t_mark = 0, 0.0, time.perf_counter()
             every = cfg.run.checkpoint_every_steps
             if every and progress.step % every == 0 and progress.step_in_epoch < steps_per_epoch:
-                _report(ctx, trainer, {"epoch": epoch, "step": progress.step, "world_size": ctx.world_size})
+                _report(ctx, trainer, {"epoch": epoch, "step": progress.step, "world_size": ctx.world_size}, train)
         epoch_time = time.perf_counter() - t_epoch
         steps_done = progress.step_in_epoch - start
         (mean_loss,) = _all_reduce_sum(epoch_loss.reshape(1), device)
@@ -238,7 +231,7 @@ def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, An
         )
         if ctx.world_rank == 0:
             ctx.write_text("metrics.jsonl", jsonl(progress.history))
-        _report(ctx, trainer, record)
+        _report(ctx, trainer, record, train)
         epochs_this_run += 1
         summary = {
             **record,
@@ -260,12 +253,44 @@ def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, An
     return summary
 
 
-def _report(ctx: TrainContext, trainer: Trainer, metrics: dict[str, Any]) -> None:
-    """Every rank reports (a barrier under Ray); rank 0 writes the checkpoint first."""
+def _resume(ctx: TrainContext, trainer: Trainer, train, resume: str, plan: recipe.BatchPlan) -> None:
+    trainer.load_state_dict(load_checkpoint(resume, map_location=ctx.device))
+    p = trainer.progress
+    ctx.log(f"resumed from {resume}: epoch {p.epoch}, step {p.step} ({p.step_in_epoch} into the epoch)")
+    if p.world_size and p.world_size != ctx.world_size:
+        p.resizes.append({"step": p.step, "old": p.world_size, "new": ctx.world_size})
+        ctx.log(
+            f"resize: world size {p.world_size} -> {ctx.world_size} at step {p.step}; the global batch "
+            f"stays {plan.global_size} ({plan.micro} x {plan.accum} accumulation per rank)"
+        )
+    _restore_data_state(ctx, train, resume, p)
+
+
+def _restore_data_state(ctx: TrainContext, train, resume: str, p) -> None:
+    """Give a reader with a state (DALI) its position, if the checkpoint has one for this rank."""
+    if not hasattr(train, "load_state"):
+        return
+    file = Path(resume) / f"data_rank{ctx.world_rank}.bin"
+    if p.world_size == ctx.world_size and file.is_file():
+        train.load_state(file.read_bytes())
+    elif p.step_in_epoch:
+        ctx.log(
+            f"data: the checkpoint has no reader state for world size {ctx.world_size}; epoch {p.epoch + 1} "
+            f"continues at step {p.step_in_epoch} with a new data order"
+        )
+
+
+def _report(ctx: TrainContext, trainer: Trainer, metrics: dict[str, Any], train=None) -> None:
+    """Every rank reports (a barrier under Ray). Rank 0 writes the training state; every rank
+    writes its reader state, if any, and Ray merges the ranks' folders into one checkpoint."""
     name = f"epoch{trainer.progress.epoch:04d}_step{trainer.progress.step:08d}"
-    if ctx.world_rank != 0:
+    data_state = train.state() if train is not None and hasattr(train, "state") else None
+    if ctx.world_rank != 0 and data_state is None:
         ctx.report(metrics, None, name)
         return
     with tempfile.TemporaryDirectory(prefix="rn50-ckpt-") as tmp:
-        save_checkpoint(tmp, trainer.state_dict(), trainer.cfg.to_yaml())
+        if data_state is not None:
+            (Path(tmp) / f"data_rank{ctx.world_rank}.bin").write_bytes(data_state)
+        if ctx.world_rank == 0:
+            save_checkpoint(tmp, trainer.state_dict(), trainer.cfg.to_yaml())
         ctx.report(metrics, tmp, name)

@@ -1,7 +1,7 @@
 """Input pipelines behind one interface: `make_loaders(cfg, shard, per_rank)` returns `Loaders`.
 
 Backends: `synthetic` (random tensors, for throughput), `pytorch` (PIL + torchvision) and,
-imported only when chosen, `dali-cpu` / `dali-gpu`. Every rank gets the same number of
+imported only when chosen, `dali-cpu` / `dali-gpu` (the default where DALI is installed). Every rank gets the same number of
 steps per epoch, because Ray's report is a barrier. Batches arrive on the device as
 normalized float tensors (channels_last when asked) with int64 labels.
 """
@@ -72,11 +72,27 @@ class TorchVal:
             yield self.normalize(images, labels)
 
 
+def dali_available() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    return "pytorch" if backend == "auto" else backend
+    """`auto` is DALI where it is installed (decoding on the GPU when workers have one), else pytorch."""
+    if backend != "auto":
+        return backend
+    if not dali_available():
+        return "pytorch"
+    return "dali-gpu" if device.type == "cuda" else "dali-cpu"
 
 
-def make_loaders(data_cfg, shard: Shard, per_rank: int, *, global_batch: int, seed: int, channels_last: bool) -> Loaders:
+def make_loaders(
+    data_cfg, shard: Shard, per_rank: int, *, global_batch: int, seed: int, channels_last: bool, fp16_input: bool = False
+) -> Loaders:
     backend = resolve_backend(data_cfg.backend, shard.device)
     if backend == "synthetic":
         from rn50_ray.data.synthetic import make_synthetic_loaders
@@ -84,10 +100,6 @@ def make_loaders(data_cfg, shard: Shard, per_rank: int, *, global_batch: int, se
         return make_synthetic_loaders(
             data_cfg, shard, per_rank, global_batch=global_batch, seed=seed, channels_last=channels_last
         )
-    if backend in ("dali-cpu", "dali-gpu"):
-        raise NotImplementedError(f"data.backend {backend!r} is not available in this version; use pytorch")
-    from rn50_ray.data import pytorch as tp
-
     train_split, val_split = check_dataset(data_cfg.path)
     steps = len(train_split) // global_batch
     if steps == 0:
@@ -97,6 +109,37 @@ def make_loaders(data_cfg, shard: Shard, per_rank: int, *, global_batch: int, se
             f"{train_split.root}: {len(train_split)} images is less than one global batch "
             f"({global_batch}); lower batch.global_size"
         )
+    notes = [
+        f"data: {backend} backend, {len(train_split)} train / {len(val_split)} val images, "
+        f"{len(train_split.classes)} classes, {steps} steps per epoch"
+    ]
+    if train_split.ignored or val_split.ignored:
+        notes.append(f"data: ignored {train_split.ignored + val_split.ignored} non-image files")
+    sizes = (len(train_split.classes), len(train_split), len(val_split))
+    if backend in ("dali-cpu", "dali-gpu"):
+        from rn50_ray.data import dali
+
+        gpu = backend == "dali-gpu"
+        if gpu and shard.device.type != "cuda":
+            from rn50_ray.errors import ConfigError
+
+            raise ConfigError("data.backend: dali-gpu needs workers with a GPU (--gpus-per-worker 1); use dali-cpu")
+        common = dict(
+            rank=shard.rank,
+            world=shard.world_size,
+            size=data_cfg.image_size,
+            device=shard.device,
+            gpu=gpu,
+            nhwc=channels_last,
+            threads=max(data_cfg.loader_workers, 1),
+        )
+        train = dali.DaliTrain(
+            train_split, per_rank=per_rank, steps=steps, area_min=data_cfg.crop_area_min, fp16=fp16_input, seed=seed, **common
+        )
+        val = dali.DaliVal(val_split, batch=per_rank, crop_ratio=data_cfg.val_crop_ratio, fp16=fp16_input, **common)
+        return Loaders(train, val, *sizes, notes)
+    from rn50_ray.data import pytorch as tp
+
     pin = shard.device.type == "cuda"
     normalize = DeviceNormalizer(shard.device, channels_last)
     tsampler = tp.ShardSampler(len(train_split), shard.rank, shard.world_size, per_rank, steps, seed, shuffle=True)
@@ -120,17 +163,6 @@ def make_loaders(data_cfg, shard: Shard, per_rank: int, *, global_batch: int, se
         pin,
         data_cfg.skip_bad_images,
     )
-    notes = [
-        f"data: pytorch backend, {len(train_split)} train / {len(val_split)} val images, "
-        f"{len(train_split.classes)} classes, {steps} steps per epoch"
-    ]
-    if train_split.ignored or val_split.ignored:
-        notes.append(f"data: ignored {train_split.ignored + val_split.ignored} non-image files")
     return Loaders(
-        TorchTrain(train, tsampler, normalize, steps, per_rank, shard.world_size),
-        TorchVal(val, normalize),
-        len(train_split.classes),
-        len(train_split),
-        len(val_split),
-        notes,
+        TorchTrain(train, tsampler, normalize, steps, per_rank, shard.world_size), TorchVal(val, normalize), *sizes, notes
     )

@@ -1,0 +1,216 @@
+"""The `dali-cpu` and `dali-gpu` backends: NVIDIA DALI pipelines, with DALI's functional API.
+
+Train: file reader (sharded by world rank, padded so every rank has the same epoch length),
+fused decode + random crop (area crop_area_min-1, aspect 3/4-4/3), resize, random flip and
+normalize, written NCHW or NHWC (channels_last), in fp16 under AMP. Val: resize the shorter
+side to image_size / val_crop_ratio, then center-crop. `dali-gpu` decodes with
+device="mixed" (nvJPEG, and the A100/H100 hardware decoder with `hw_decoder_load`).
+
+The reader is given the file list of `folder.scan_split`, so labels match the pytorch
+backend exactly and files that are not images are never read. Imported only when chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from rn50_ray.data import MEAN, STD
+from rn50_ray.data.folder import Split
+
+READER = "Reader"
+# nvJPEG's buffers sized for full-size ImageNet images, as in NVIDIA's pipeline.
+DEVICE_PADDING, HOST_PADDING = 211_025_920, 140_544_512
+
+
+def _normalize(images, mirror, *, size: int, fp16: bool, nhwc: bool):
+    # A center just below 0.5 rounds a half-pixel margin down, as torchvision's CenterCrop does for
+    # the short side; otherwise DALI's crop sits one pixel right of and below the pytorch backend's.
+    return fn.crop_mirror_normalize(
+        images,
+        crop_pos_x=0.5 - 1e-6,
+        crop_pos_y=0.5 - 1e-6,
+        dtype=types.FLOAT16 if fp16 else types.FLOAT,
+        output_layout="HWC" if nhwc else "CHW",
+        crop=(size, size),
+        mean=[m * 255 for m in MEAN],
+        std=[s * 255 for s in STD],
+        mirror=mirror,
+    )
+
+
+@pipeline_def
+def train_pipeline(files, labels, *, shard_id, num_shards, size, area_min, gpu, fp16, nhwc, hw_decoder_load):
+    jpegs, label = fn.readers.file(
+        files=files,
+        labels=labels,
+        random_shuffle=True,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        pad_last_batch=True,
+        name=READER,
+    )
+    decode_args = dict(output_type=types.RGB, random_area=[area_min, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=100)
+    if gpu:
+        images = fn.decoders.image_random_crop(
+            jpegs,
+            device="mixed",
+            device_memory_padding=DEVICE_PADDING,
+            host_memory_padding=HOST_PADDING,
+            hw_decoder_load=hw_decoder_load,
+            **decode_args,
+        )
+    else:
+        images = fn.decoders.image_random_crop(jpegs, device="cpu", **decode_args)
+    images = fn.resize(images, resize_x=size, resize_y=size, antialias=False)
+    mirror = fn.random.coin_flip(probability=0.5)
+    return _normalize(images, mirror, size=size, fp16=fp16, nhwc=nhwc), label
+
+
+@pipeline_def
+def val_pipeline(files, labels, *, shard_id, num_shards, size, crop_ratio, gpu, fp16, nhwc):
+    jpegs, label = fn.readers.file(
+        files=files,
+        labels=labels,
+        random_shuffle=False,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        pad_last_batch=False,
+        name=READER,
+    )
+    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    images = fn.resize(images, resize_shorter=round(size / crop_ratio), antialias=False)
+    return _normalize(images, 0, size=size, fp16=fp16, nhwc=nhwc), label
+
+
+def _lists(split: Split) -> tuple[list[str], list[int]]:
+    return [p for p, _ in split.samples], [label for _, label in split.samples]
+
+
+class DaliTrain:
+    """Exactly `steps_per_epoch` batches per epoch on every rank; the reader state travels in
+    checkpoints, so a resume on the same world size continues with the exact next batches."""
+
+    def __init__(
+        self,
+        split: Split,
+        *,
+        rank: int,
+        world: int,
+        per_rank: int,
+        steps: int,
+        size: int,
+        area_min: float,
+        device: torch.device,
+        gpu: bool,
+        fp16: bool,
+        nhwc: bool,
+        threads: int,
+        seed: int,
+        hw_decoder_load: float = 0.65,
+    ):
+        self.files, self.labels = _lists(split)
+        self.kw = dict(
+            shard_id=rank,
+            num_shards=world,
+            size=size,
+            area_min=area_min,
+            gpu=gpu,
+            fp16=fp16,
+            nhwc=nhwc,
+            hw_decoder_load=hw_decoder_load,
+        )
+        self.per_rank, self.steps_per_epoch, self.images_per_step = per_rank, steps, per_rank * world
+        self.threads, self.seed, self.rank, self.world = threads, seed, rank, world
+        self.device_id = device.index if gpu else None  # Ray's torch device, not ray.get_gpu_ids()
+        self.device, self.nhwc = device, nhwc
+        self.skipped = 0
+        self.restored: bytes | None = None
+        self.iterator: DALIGenericIterator | None = None
+        self.epoch_built: int | None = None
+
+    def _build(self, epoch: int, checkpoint: bytes | None) -> None:
+        pipe = train_pipeline(
+            self.files,
+            self.labels,
+            batch_size=self.per_rank,
+            num_threads=self.threads,
+            device_id=self.device_id,
+            seed=self.seed * 10_007 + epoch * 101 + self.rank,
+            enable_checkpointing=True,
+            checkpoint=checkpoint,
+            prefetch_queue_depth=2,
+            **self.kw,
+        )
+        self.iterator = DALIGenericIterator(
+            pipe, ["images", "labels"], reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=True
+        )
+        self.epoch_built = epoch
+
+    def state(self) -> bytes | None:
+        """Serialized reader and RNG state: where the next batch comes from."""
+        return self.iterator.checkpoints()[0] if self.iterator is not None else None
+
+    def load_state(self, state: bytes | None) -> None:
+        self.restored = state
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.iterator is None:
+            self._build(epoch, self.restored)
+            self.restored = None
+        todo = self.steps_per_epoch - start_step
+        for i, batch in enumerate(self.iterator):
+            if i >= todo:
+                continue  # drain: the padded shard may hold one batch more than the global plan
+            images = batch[0]["images"]
+            if self.nhwc:
+                images = images.permute(0, 3, 1, 2)  # NHWC memory, NCHW shape: channels_last at no cost
+            yield images.to(self.device, non_blocking=True), batch[0]["labels"].view(-1).long().to(self.device)
+
+
+class DaliVal:
+    def __init__(
+        self,
+        split: Split,
+        *,
+        rank: int,
+        world: int,
+        batch: int,
+        size: int,
+        crop_ratio: float,
+        device: torch.device,
+        gpu: bool,
+        fp16: bool,
+        nhwc: bool,
+        threads: int,
+    ):
+        files, labels = _lists(split)
+        pipe = val_pipeline(
+            files,
+            labels,
+            batch_size=batch,
+            num_threads=threads,
+            device_id=device.index if gpu else None,
+            shard_id=rank,
+            num_shards=world,
+            size=size,
+            crop_ratio=crop_ratio,
+            gpu=gpu,
+            fp16=fp16,
+            nhwc=nhwc,
+            seed=0,
+        )
+        self.iterator = DALIGenericIterator(
+            pipe, ["images", "labels"], reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
+        )
+        self.device, self.nhwc = device, nhwc
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.iterator:
+            images = batch[0]["images"]
+            if self.nhwc:
+                images = images.permute(0, 3, 1, 2)
+            yield images.float().to(self.device), batch[0]["labels"].view(-1).long().to(self.device)

@@ -1,0 +1,97 @@
+"""DALI CPU pipelines on real JPEGs: labels, val tensors, shards and exact mid-epoch resume."""
+
+from collections import Counter
+
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali", reason="needs nvidia-dali-cuda120 (in requirements.txt)")
+
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from rn50_ray.config import DataConfig
+from rn50_ray.data import Shard, make_loaders
+from rn50_ray.data.dali import READER, train_pipeline
+from rn50_ray.data.folder import check_dataset
+
+CPU = torch.device("cpu")
+
+
+def _loaders(data, backend, *, per_rank=20, rank=0, world=1, seed=0):
+    cfg = DataConfig(path=str(data), backend=backend, image_size=32, loader_workers=1)
+    return make_loaders(cfg, Shard(rank, world, CPU), per_rank, global_batch=per_rank * world, seed=seed, channels_last=False)
+
+
+def test_dali_cpu_is_the_default_where_dali_is_installed(tiny_data):
+    assert _loaders(tiny_data, "auto").notes[0].startswith("data: dali-cpu backend")
+
+
+def test_train_batches_and_labels_match_the_pytorch_backend(tiny_data):
+    dali, torch_ = _loaders(tiny_data, "dali-cpu"), _loaders(tiny_data, "pytorch")
+    assert dali.train.steps_per_epoch == torch_.train.steps_per_epoch == 10
+    batches = list(dali.train.epoch(0))
+    assert len(batches) == 10
+    x, y = batches[0]
+    assert x.shape == (20, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert abs(x.mean().item()) < 1.5 and 0.3 < x.std().item() < 2
+    dali_labels = Counter(int(v) for _, y in batches for v in y)
+    torch_labels = Counter(int(v) for _, y in torch_.train.epoch(0) for v in y)
+    assert dali_labels == torch_labels == Counter({c: 20 for c in range(10)})  # one epoch holds every image once
+
+
+def test_val_tensors_match_the_pytorch_backend(tiny_data):
+    # Both read val in file order. JPEG decoders and resize kernels differ slightly (DALI without
+    # antialiasing, PIL with; equal when upscaling), so the tolerance is 0.02 in normalized units on the
+    # mean (about 1 grey level of 255) and 0.5 on any pixel.
+    dali = torch.cat([x for x, _ in _loaders(tiny_data, "dali-cpu", per_rank=25).val.batches()])
+    ref = torch.cat([x for x, _ in _loaders(tiny_data, "pytorch", per_rank=25).val.batches()])
+    assert dali.shape == ref.shape == (50, 3, 32, 32)
+    assert (dali - ref).abs().mean().item() < 0.02
+    assert (dali - ref).abs().max().item() < 0.5
+    dali_y = torch.cat([y for _, y in _loaders(tiny_data, "dali-cpu", per_rank=25).val.batches()])
+    ref_y = torch.cat([y for _, y in _loaders(tiny_data, "pytorch", per_rank=25).val.batches()])
+    assert torch.equal(dali_y, ref_y)
+
+
+def test_shards_cover_the_dataset_with_equal_steps(tiny_data):
+    train, _ = check_dataset(tiny_data)
+    files = [p for p, _ in train.samples]
+    seen, steps = [], []
+    for rank in range(3):  # 200 files over 3 shards: padded to equal length
+        pipe = train_pipeline(
+            files,
+            list(range(len(files))),
+            batch_size=11,
+            num_threads=1,
+            device_id=None,
+            seed=1,
+            shard_id=rank,
+            num_shards=3,
+            size=32,
+            area_min=0.08,
+            gpu=False,
+            fp16=False,
+            nhwc=False,
+            hw_decoder_load=0.0,
+        )
+        it = DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER, last_batch_policy=LastBatchPolicy.FILL)
+        ids = [int(v) for b in it for v in b[0]["labels"].view(-1)]
+        steps.append(len(ids))
+        seen.extend(ids)
+    assert len(set(steps)) == 1  # shards padded to equal length: the same number of steps on every rank
+    assert set(seen) == set(range(len(files)))
+
+
+def test_resume_mid_epoch_gives_the_exact_next_batches(tiny_data):
+    first = _loaders(tiny_data, "dali-cpu")
+    it = first.train.epoch(0)
+    for _ in range(3):
+        next(it)
+    state = first.train.state()
+    expected = [next(it) for _ in range(3)]
+    again = _loaders(tiny_data, "dali-cpu")
+    again.train.load_state(state)
+    got = list(again.train.epoch(0, start_step=3))
+    assert len(got) == 7
+    for (xa, ya), (xb, yb) in zip(expected, got[:3], strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
