@@ -18,7 +18,6 @@ import torch
 
 from rn50_ray.core.loop import Trainer, use_channels_last
 from rn50_ray.core.recipe import plan_batches
-from rn50_ray.core.step import train_step
 from rn50_ray.data import Shard, make_loaders
 from rn50_ray.evaluate import pick_device
 
@@ -63,16 +62,7 @@ def bench_backend(cfg, what: str, backend: str, device: torch.device, warmup: in
     t = time.perf_counter()
     for i, (images, labels) in enumerate(_batches(loaders.train, warmup + steps)):
         if trainer is not None:
-            loss = train_step(
-                trainer.model,
-                images,
-                labels,
-                optimizer=trainer.optimizer,
-                scaler=trainer.scaler,
-                criterion=trainer.criterion,
-                precision=trainer.precision,
-                accum=plan.accum,
-            )
+            loss = trainer.step(trainer.model, images, labels)
             loss.item()  # the step has finished when its time is taken
         now = time.perf_counter()
         if i == warmup - 1 or (warmup == 0 and i == 0):

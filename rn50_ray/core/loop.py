@@ -89,6 +89,19 @@ class Trainer:
         self.progress = progress_from_dict(state["progress"])
         set_rng_state(state["rng"])
 
+    def step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One optimizer step of `model` (this trainer's model, possibly wrapped)."""
+        return train_step(
+            model,
+            images,
+            labels,
+            optimizer=self.optimizer,
+            scaler=self.scaler,
+            criterion=self.criterion,
+            precision=self.precision,
+            accum=self.plan.accum,
+        )
+
     def wrap(self, world_size: int) -> nn.Module:
         """DDP when distributed, then torch.compile when asked. Loading happens before this."""
         model: nn.Module = self.model
@@ -157,16 +170,7 @@ def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, An
             if trainer.mixup is not None:
                 torch.manual_seed(cfg.system.seed * 1_000_003 + progress.step * 101 + ctx.world_rank)
                 images, labels = trainer.mixup(images, labels)
-            loss = train_step(
-                model,
-                images,
-                labels,
-                optimizer=trainer.optimizer,
-                scaler=trainer.scaler,
-                criterion=trainer.criterion,
-                precision=trainer.precision,
-                accum=plan.accum,
-            )
+            loss = trainer.step(model, images, labels)
             trainer.scheduler.step()
             if trainer.ema is not None:
                 trainer.ema.update_parameters(trainer.model)
