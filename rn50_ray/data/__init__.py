@@ -28,7 +28,7 @@ class Shard:
 
 @dataclass
 class Loaders:
-    train: object  # has steps_per_epoch, epoch(epoch, start_step) -> iterator, images_per_epoch
+    train: object  # has steps_per_epoch and epoch(epoch, start_step) -> iterator
     val: object  # has batches() -> iterator
     num_classes: int
     train_size: int
@@ -51,9 +51,9 @@ class DeviceNormalizer:
 
 
 class TorchTrain:
-    def __init__(self, loader, sampler, normalize: DeviceNormalizer, steps: int, per_rank: int, world: int):
+    def __init__(self, loader, sampler, normalize: DeviceNormalizer, steps: int):
         self.loader, self.sampler, self.normalize = loader, sampler, normalize
-        self.steps_per_epoch, self.images_per_step = steps, per_rank * world
+        self.steps_per_epoch = steps
         self.skipped = 0  # undecodable images dropped under --skip-bad-images
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -163,6 +163,4 @@ def make_loaders(
         pin,
         data_cfg.skip_bad_images,
     )
-    return Loaders(
-        TorchTrain(train, tsampler, normalize, steps, per_rank, shard.world_size), TorchVal(val, normalize), *sizes, notes
-    )
+    return Loaders(TorchTrain(train, tsampler, normalize, steps), TorchVal(val, normalize), *sizes, notes)

@@ -42,17 +42,30 @@ def _normalize(images, mirror, *, size: int, fp16: bool, nhwc: bool):
     )
 
 
-@pipeline_def
-def train_pipeline(files, labels, *, shard_id, num_shards, size, area_min, gpu, fp16, nhwc, hw_decoder_load):
-    jpegs, label = fn.readers.file(
+def _read(files, labels, *, shard_id, num_shards, train: bool):
+    """The sharded file reader. Train shards are padded to equal length, so every rank runs the
+    same number of steps; val is read once, in file order, without padding."""
+    return fn.readers.file(
         files=files,
         labels=labels,
-        random_shuffle=True,
+        random_shuffle=train,
         shard_id=shard_id,
         num_shards=num_shards,
-        pad_last_batch=True,
+        pad_last_batch=train,
         name=READER,
     )
+
+
+def _to_torch(batch, nhwc: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    images = batch[0]["images"]
+    if nhwc:
+        images = images.permute(0, 3, 1, 2)  # NHWC memory, NCHW shape: channels_last at no cost
+    return images.to(device, non_blocking=True), batch[0]["labels"].view(-1).long().to(device)
+
+
+@pipeline_def
+def train_pipeline(files, labels, *, shard_id, num_shards, size, area_min, gpu, fp16, nhwc, hw_decoder_load):
+    jpegs, label = _read(files, labels, shard_id=shard_id, num_shards=num_shards, train=True)
     decode_args = dict(output_type=types.RGB, random_area=[area_min, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=100)
     if gpu:
         images = fn.decoders.image_random_crop(
@@ -72,15 +85,7 @@ def train_pipeline(files, labels, *, shard_id, num_shards, size, area_min, gpu, 
 
 @pipeline_def
 def val_pipeline(files, labels, *, shard_id, num_shards, size, crop_ratio, gpu, fp16, nhwc):
-    jpegs, label = fn.readers.file(
-        files=files,
-        labels=labels,
-        random_shuffle=False,
-        shard_id=shard_id,
-        num_shards=num_shards,
-        pad_last_batch=False,
-        name=READER,
-    )
+    jpegs, label = _read(files, labels, shard_id=shard_id, num_shards=num_shards, train=False)
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
     images = fn.resize(images, resize_shorter=round(size / crop_ratio), antialias=False)
     return _normalize(images, 0, size=size, fp16=fp16, nhwc=nhwc), label
@@ -123,14 +128,13 @@ class DaliTrain:
             nhwc=nhwc,
             hw_decoder_load=hw_decoder_load,
         )
-        self.per_rank, self.steps_per_epoch, self.images_per_step = per_rank, steps, per_rank * world
-        self.threads, self.seed, self.rank, self.world = threads, seed, rank, world
+        self.per_rank, self.steps_per_epoch = per_rank, steps
+        self.threads, self.seed, self.rank = threads, seed, rank
         self.device_id = device.index if gpu else None  # Ray's torch device, not ray.get_gpu_ids()
         self.device, self.nhwc = device, nhwc
         self.skipped = 0
         self.restored: bytes | None = None
         self.iterator: DALIGenericIterator | None = None
-        self.epoch_built: int | None = None
 
     def _build(self, epoch: int, checkpoint: bytes | None) -> None:
         pipe = train_pipeline(
@@ -148,7 +152,6 @@ class DaliTrain:
         self.iterator = DALIGenericIterator(
             pipe, ["images", "labels"], reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=True
         )
-        self.epoch_built = epoch
 
     def state(self) -> bytes | None:
         """Serialized reader and RNG state: where the next batch comes from."""
@@ -165,10 +168,7 @@ class DaliTrain:
         for i, batch in enumerate(self.iterator):
             if i >= todo:
                 continue  # drain: the padded shard may hold one batch more than the global plan
-            images = batch[0]["images"]
-            if self.nhwc:
-                images = images.permute(0, 3, 1, 2)  # NHWC memory, NCHW shape: channels_last at no cost
-            yield images.to(self.device, non_blocking=True), batch[0]["labels"].view(-1).long().to(self.device)
+            yield _to_torch(batch, self.nhwc, self.device)
 
 
 class DaliVal:
@@ -210,7 +210,5 @@ class DaliVal:
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in self.iterator:
-            images = batch[0]["images"]
-            if self.nhwc:
-                images = images.permute(0, 3, 1, 2)
-            yield images.float().to(self.device), batch[0]["labels"].view(-1).long().to(self.device)
+            images, labels = _to_torch(batch, self.nhwc, self.device)
+            yield images.float(), labels

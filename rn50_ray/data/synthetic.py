@@ -15,9 +15,8 @@ SYNTHETIC_CLASSES = 1000
 
 
 class SyntheticTrain:
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, steps: int, world: int):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, steps: int):
         self.images, self.labels, self.steps_per_epoch = images, labels, steps
-        self.images_per_step = images.shape[0] * world
         self.skipped = 0
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -53,7 +52,7 @@ def make_synthetic_loaders(
     steps = max(data_cfg.synthetic_samples // global_batch, 1)
     notes = [f"data: synthetic backend, {steps} steps per epoch of {global_batch} images"]
     return Loaders(
-        SyntheticTrain(images, labels, steps, shard.world_size),
+        SyntheticTrain(images, labels, steps),
         SyntheticVal(images, labels, 1),
         num_classes,
         steps * global_batch,
