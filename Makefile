@@ -30,8 +30,8 @@ test: sysdeps venv
 	$(PY) -m pytest
 
 lint: venv
-	$(VENV)/bin/ruff check rn50_ray tests launch.py
-	$(VENV)/bin/ruff format --check rn50_ray tests launch.py
+	$(VENV)/bin/ruff check rn50_ray tests bench launch.py
+	$(VENV)/bin/ruff format --check rn50_ray tests bench launch.py
 
 clean:
 	rm -rf runs data/sample

@@ -1,32 +1,48 @@
-"""`bench train` / `bench data`: throughput of the training step and of the input pipelines.
+"""`bench train | infer | data`: throughput of the training step, of inference and of the input pipelines.
 
-In one process, on the same cores, each backend in turn: a table of median img/s (and, for
-`data`, CPU-ms per image), or JSON. Speeds belong in docs/PERFORMANCE.md, not in tests.
+In one process, on the same cores or GPU, each backend in turn: a table (or JSON) of the median img/s,
+step time, peak GPU memory, model FLOP utilisation against a given peak, and CPU-ms per image. Speeds
+belong in docs/PERFORMANCE.md, not in tests. Imports neither Ray nor MLflow, and DALI only when chosen,
+so it runs on a bare CUDA machine (bench/gpu_check.sh).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
+import psutil
 import torch
 
 from rn50_ray.core.loop import Trainer, use_channels_last
 from rn50_ray.core.recipe import plan_batches
+from rn50_ray.core.step import eval_step
 from rn50_ray.data import Shard, make_loaders
 from rn50_ray.evaluate import pick_device
 
+TRAIN_GFLOP_224 = 24.7  # forward + backward of ResNet50 per 224 px image (3 x 8.2 GFLOP)
+
 
 def _cpu_seconds() -> float:
-    """User + system time of this process and its finished or live children."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    """User + system CPU time of this process (DALI's threads included) and its live children
+    (DataLoader processes), which getrusage would count only once they exit."""
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += sum(child.cpu_times()[:2])
+    return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _batches(train, steps: int):
@@ -40,7 +56,27 @@ def _batches(train, steps: int):
         epoch += 1
 
 
-def bench_backend(cfg, what: str, backend: str, device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
+def _timed(run: Callable[[], Any], device: torch.device, warmup: int, steps: int, window: int) -> list[float]:
+    """Seconds per step, one figure per window of steps. The device is synchronized only at window
+    ends, so the host queues work ahead as in training."""
+    for _ in range(warmup):
+        run()
+    _sync(device)
+    times = []
+    for _ in range(max(steps // window, 1)):
+        t = time.perf_counter()
+        for _ in range(window):
+            run()
+        _sync(device)
+        times.append((time.perf_counter() - t) / window)
+    return times
+
+
+def _flop_share(img_per_s: float, gflop_per_img: float, peak_tflops: float | None) -> float:
+    return 100 * img_per_s * gflop_per_img / (peak_tflops * 1000) if peak_tflops else float("nan")
+
+
+def bench_backend(cfg, what: str, backend: str, device: torch.device, args) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, backend=backend))
     global_size = cfg.batch.global_size or cfg.batch.per_worker
     plan = plan_batches(global_size, 1, cfg.batch.per_worker)
@@ -53,39 +89,73 @@ def bench_backend(cfg, what: str, backend: str, device: torch.device, warmup: in
         seed=cfg.system.seed,
         channels_last=channels_last,
     )
-    trainer = None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.system.cudnn_benchmark
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer = Trainer(cfg, device, loaders.num_classes, plan, loaders.train.steps_per_epoch) if what != "data" else None
+    batches = _batches(loaders.train, (args.warmup + args.steps) * 2 + 10)
+    row: dict[str, Any] = {}
+    cpu0 = _cpu_seconds()
+    scale = (cfg.data.image_size / 224) ** 2
     if what == "train":
-        trainer = Trainer(cfg, device, loaders.num_classes, plan, loaders.train.steps_per_epoch)
-        trainer.model.train()
-    times: list[float] = []
-    cpu0 = wall0 = 0.0
-    t = time.perf_counter()
-    for i, (images, labels) in enumerate(_batches(loaders.train, warmup + steps)):
-        if trainer is not None:
-            loss = trainer.step(trainer.model, images, labels)
-            loss.item()  # the step has finished when its time is taken
-        now = time.perf_counter()
-        if i == warmup - 1 or (warmup == 0 and i == 0):
-            cpu0, wall0 = _cpu_seconds(), now
-        elif i >= warmup:
-            times.append(now - t)
-        t = now
-    wall = time.perf_counter() - wall0
-    images_done = len(times) * plan.global_size
-    return {
+        model = trainer.wrap(1)
+        model.train()
+        times = _timed(lambda: trainer.step(model, *next(batches)), device, args.warmup, args.steps, args.window)
+        gflop = TRAIN_GFLOP_224 * scale
+    elif what == "infer":
+        model = trainer.wrap(1)
+        model.eval()
+        images, _ = next(batches)
+        single = images[:1].clone()
+        lat = _timed(lambda: eval_step(model, single, trainer.precision), device, args.warmup, args.steps, 1)
+        row.update({f"b1_p{q}_ms": 1000 * statistics.quantiles(lat, n=100)[q - 1] for q in (50, 90, 99)} if len(lat) > 1 else {})
+        times = _timed(lambda: eval_step(model, images, trainer.precision), device, args.warmup, args.steps, args.window)
+        gflop = TRAIN_GFLOP_224 / 3 * scale
+    else:
+        times = _timed(lambda: next(batches), device, args.warmup, args.steps, 1)
+        gflop = 0.0
+    step = statistics.median(times)
+    ips = plan.global_size / step
+    images_done = (len(times) * (args.window if what != "data" else 1) + args.warmup) * plan.global_size
+    row = {
         "what": what,
         "backend": backend,
-        "device": str(device),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "image_size": cfg.data.image_size,
         "batch": plan.global_size,
         "precision": trainer.precision.name if trainer else "-",
-        "img_per_s": plan.global_size / statistics.median(times) if times else float("nan"),
-        "step_ms": 1000 * statistics.median(times) if times else float("nan"),
+        "channels_last": channels_last,
+        "compile": cfg.system.compile,
+        "img_per_s": ips,
+        "step_ms": 1000 * step,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
+        "mfu_pct": _flop_share(ips, gflop, args.peak_tflops) if gflop else float("nan"),
         "cpu_ms_per_img": 1000 * (_cpu_seconds() - cpu0) / max(images_done, 1),
         "steps": len(times),
-        "wall_s": wall,
         "cores": os.cpu_count(),
+        **row,
     }
+    return row
+
+
+COLUMNS = {
+    "train": ("backend", "precision", "channels_last", "compile", "batch", "img_per_s", "step_ms", "peak_mem_gib", "mfu_pct"),
+    "infer": ("backend", "precision", "channels_last", "compile", "batch", "img_per_s", "b1_p50_ms", "b1_p99_ms", "mfu_pct"),
+    "data": ("backend", "image_size", "batch", "img_per_s", "step_ms", "cpu_ms_per_img", "steps"),
+}
+
+
+def print_table(rows: list[dict[str, Any]], what: str) -> None:
+    cols = COLUMNS[what]
+    print(f"bench {what} on {rows[0]['device']}, {rows[0]['image_size']} px")
+    print(" | ".join(f"{c:>13}" for c in cols))
+    for r in rows:
+        print(
+            " | ".join(f"{r.get(c, float('nan')):>13.1f}" if isinstance(r.get(c), float) else f"{r.get(c)!s:>13}" for c in cols)
+        )
+    if len(rows) > 1:
+        base = rows[0]["img_per_s"]
+        print("ratios to " + rows[0]["backend"] + ": " + ", ".join(f"{r['backend']} {r['img_per_s'] / base:.2f}x" for r in rows))
 
 
 def run_bench(args) -> int:
@@ -94,16 +164,9 @@ def run_bench(args) -> int:
     cfg = config_from_args(args)
     device = pick_device(args.device)
     torch.manual_seed(cfg.system.seed)
-    rows = [bench_backend(cfg, args.what, b.strip(), device, args.warmup, args.steps) for b in args.backends.split(",")]
+    rows = [bench_backend(cfg, args.what, b.strip(), device, args) for b in args.backends.split(",")]
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
-    cols = ("backend", "device", "image_size", "batch", "precision", "img_per_s", "step_ms", "cpu_ms_per_img", "steps")
-    print(f"bench {args.what}")
-    print(" | ".join(f"{c:>14}" for c in cols))
-    for r in rows:
-        print(" | ".join(f"{r[c]:>14.1f}" if isinstance(r[c], float) else f"{r[c]!s:>14}" for c in cols))
-    if len(rows) > 1:
-        base = rows[0]["img_per_s"]
-        print("ratios to " + rows[0]["backend"] + ": " + ", ".join(f"{r['backend']} {r['img_per_s'] / base:.2f}x" for r in rows))
+    else:
+        print_table(rows, args.what)
     return 0

@@ -163,11 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_prepare_sample)
 
-    p = sub.add_parser("bench", help="throughput of the training step and of the input pipelines")
-    p.add_argument("what", choices=("train", "data"))
+    p = sub.add_parser("bench", help="throughput of the training step, of inference and of the input pipelines")
+    p.add_argument("what", choices=("train", "infer", "data"))
     add_config_args(p)
     p.add_argument("--steps", type=int, default=20, help="measured steps after the warm-up")
     p.add_argument("--warmup", type=int, default=5, help="steps before measuring")
+    p.add_argument("--window", type=int, default=5, help="steps between device syncs; one timing per window")
+    p.add_argument("--peak-tflops", type=float, help="the device's peak for this precision, for the FLOP utilisation column")
     p.add_argument("--backends", default="synthetic,pytorch", help="comma-separated backends to compare")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
@@ -175,11 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_log_forwarding() -> None:
+    """Shut Ray down first, so that workers' late log lines come before the error, not after it."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as e:
+        _stop_log_forwarding()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -69,6 +69,7 @@ class DataConfig:
     loader_workers: int = _opt(4, "DataLoader processes (or DALI threads) per Ray worker", check=NON_NEGATIVE)
     synthetic_samples: int = _opt(12800, "train images per epoch of the synthetic backend", check=POSITIVE)
     skip_bad_images: bool = _opt(False, "skip undecodable images (and count them) instead of failing")
+    screen_images: bool = _opt(True, "check every image file on the driver before training, so bad files are named up front")
 
 
 @dataclass

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from rn50_ray.core.recipe import plan_batches
 from rn50_ray.core.step import resolve_precision
 from rn50_ray.data import Shard, make_loaders
 from rn50_ray.data.folder import check_dataset
+from rn50_ray.data.screen import bad_image_error, find_bad_images
 from rn50_ray.errors import ConfigError, DataError, UserError, find_user_error
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -88,7 +91,16 @@ class RayContext:
             print(line, flush=True)
 
 
+def _quiet_report_log() -> None:
+    # Ray 2.60 logs every report at INFO with its whole metrics dict, per rank, under a logger named
+    # by the module's file path, which LoggingConfig(log_level) does not reach.
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
+    _quiet_report_log()
     cfg = Config.from_dict(payload["config"], source="worker config")
     ctx = RayContext(payload["run_uri"])
     plan = plan_batches(cfg.batch.global_size, ctx.world_size, cfg.batch.per_worker)
@@ -101,6 +113,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
         seed=cfg.system.seed,
         channels_last=use_channels_last(cfg.model.memory_format, ctx.device),
         fp16_input=ctx.device.type == "cuda" and resolve_precision(cfg.system.precision, ctx.device).autocast_dtype is not None,
+        bad_files=payload.get("bad_files", ()),
     )
     return fit(cfg, ctx, loaders, plan)
 
@@ -123,11 +136,20 @@ def run_uri(cfg: Config) -> str:
     return f"{cfg.run.storage.rstrip('/')}/{cfg.run.name}"
 
 
-def precheck_data(cfg: Config) -> None:
-    """Check the folder layout on the driver, before any worker starts or output is written."""
+def precheck_data(cfg: Config) -> list[str]:
+    """Check the folder layout and screen the images on the driver, before any worker starts or
+    output is written. Returns the undecodable files to leave out (under --skip-bad-images)."""
     if cfg.data.backend == "synthetic":
-        return
-    train, _ = check_dataset(cfg.data.path)
+        return []
+    train, val = check_dataset(cfg.data.path)
+    bad: dict[str, str] = {}
+    if cfg.data.screen_images:
+        t0 = time.perf_counter()
+        bad = find_bad_images(p for split in (train, val) for p, _ in split.samples)
+        print(f"data: screened {len(train) + len(val)} images in {time.perf_counter() - t0:.1f} s, {len(bad)} undecodable")
+        if bad and not cfg.data.skip_bad_images:
+            raise bad_image_error(bad)
+        train = train.without(bad)
     if len(train) < cfg.batch.global_size:
         raise DataError(
             f"{train.root}: {len(train)} images is less than one global batch ({cfg.batch.global_size}); lower batch.global_size"
@@ -137,6 +159,7 @@ def precheck_data(cfg: Config) -> None:
             f"model.num_classes: expected at least the {len(train.classes)} classes of "
             f"{cfg.data.path}, got {cfg.model.num_classes}"
         )
+    return sorted(bad)
 
 
 def check_existing_run(cfg: Config) -> bool:
@@ -191,13 +214,13 @@ def check_resources(cfg: Config) -> None:
         )
 
 
-def build_trainer(cfg: Config) -> ray.train.torch.TorchTrainer:
+def build_trainer(cfg: Config, bad_files: list[str] | None = None) -> ray.train.torch.TorchTrainer:
     gpus = cfg.scale.gpus_per_worker
     workers: int | tuple[int, int] = cfg.min_workers if cfg.min_workers == cfg.max_workers else (cfg.min_workers, cfg.max_workers)
     resources = {"CPU": cfg.scale.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_uri": run_uri(cfg)},
+        train_loop_config={"config": cfg.to_dict(), "run_uri": run_uri(cfg), "bad_files": bad_files or []},
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if gpus else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -230,7 +253,7 @@ def remove_run(cfg: Config) -> None:
 def run_training(cfg: Config) -> dict[str, Any]:
     """Driver: check, connect, train, and return rank 0's summary."""
     cfg = resolve(cfg)
-    precheck_data(cfg)
+    bad_files = precheck_data(cfg)
     resuming = check_existing_run(cfg)
     connect(cfg)
     if cfg.scale.check_resources:
@@ -240,7 +263,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
     created = not resuming
     write_run_file(run_uri(cfg), "config.yaml", cfg.to_yaml())
     try:
-        result = build_trainer(cfg).fit()
+        result = build_trainer(cfg, bad_files).fit()
     except Exception as e:
         message = find_user_error(e)
         if message and created and not has_checkpoint(cfg):

@@ -1,9 +1,11 @@
 """DALI CPU pipelines on real JPEGs: labels, val tensors, shards and exact mid-epoch resume."""
 
+import re
 from collections import Counter
 
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("nvidia.dali", reason="needs nvidia-dali-cuda120 (in requirements.txt)")
 
@@ -13,6 +15,8 @@ from rn50_ray.config import DataConfig
 from rn50_ray.data import Shard, make_loaders
 from rn50_ray.data.dali import READER, train_pipeline
 from rn50_ray.data.folder import check_dataset
+from rn50_ray.data.screen import bad_image_error, find_bad_images
+from rn50_ray.errors import DataError
 
 CPU = torch.device("cpu")
 
@@ -95,3 +99,71 @@ def test_resume_mid_epoch_gives_the_exact_next_batches(tiny_data):
     assert len(got) == 7
     for (xa, ya), (xb, yb) in zip(expected, got[:3], strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.fixture
+def odd_data(tiny_data, copy_of):
+    """The tiny sample plus every kind of odd file a real ImageNet folder holds, in train/ and val/."""
+    data = copy_of(tiny_data)
+    for split in ("train", "val"):
+        folder = data / split / "bag"
+        src = sorted(folder.glob("*.JPEG"))[0]
+        img = Image.open(src).convert("RGB")
+        img.convert("L").save(folder / "gray.JPEG")
+        img.convert("CMYK").save(folder / "cmyk.JPEG")
+        img.save(folder / "png_named_jpeg.JPEG", format="PNG")  # as ImageNet's n02105855_2933.JPEG
+        img.save(folder / "real.png")
+        (folder / "README.txt").write_text("not an image")
+    return data
+
+
+def _add_bad_files(folder):
+    good = sorted(folder.glob("*.JPEG"))[0].read_bytes()
+    bad = {
+        "truncated.JPEG": good[: len(good) // 2],
+        "garbage.JPEG": b"this is no image " * 20,
+        "empty.JPEG": b"",
+    }
+    for name, content in bad.items():
+        (folder / name).write_bytes(content)
+    return {str(folder / name) for name in bad}
+
+
+def test_grayscale_cmyk_and_png_decode_to_rgb(odd_data):
+    loaders = _loaders(odd_data, "dali-cpu", per_rank=27)
+    assert loaders.val_size == 54 and "data: ignored 2 non-image files" in loaders.notes
+    images = torch.cat([x for x, _ in loaders.val.batches()])
+    ref = torch.cat([x for x, _ in _loaders(odd_data, "pytorch", per_rank=27).val.batches()])
+    assert images.shape == ref.shape == (54, 3, 32, 32)
+    assert (images - ref).abs().mean().item() < 0.02  # the same RGB pixels as PIL's conversion
+
+
+def test_screen_names_every_undecodable_file_and_passes_the_rest(odd_data):
+    bad = _add_bad_files(odd_data / "train" / "coat")
+    train, val = check_dataset(odd_data)
+    found = find_bad_images(p for s in (train, val) for p, _ in s.samples)
+    assert set(found) == bad
+    assert found[str(odd_data / "train/coat/empty.JPEG")] == "empty file"
+    assert "truncated" in found[str(odd_data / "train/coat/truncated.JPEG")].lower()
+    assert "cannot identify" in found[str(odd_data / "train/coat/garbage.JPEG")]
+    message = str(bad_image_error(found))
+    assert message.endswith("(2 more undecodable files); remove it or pass --skip-bad-images")
+
+
+def test_skipped_files_are_left_out_and_counted(odd_data):
+    bad = _add_bad_files(odd_data / "train" / "coat")
+    cfg = DataConfig(path=str(odd_data), backend="dali-cpu", image_size=32, loader_workers=1, skip_bad_images=True)
+    loaders = make_loaders(cfg, Shard(0, 1, CPU), 20, global_batch=20, seed=0, channels_last=False, bad_files=bad)
+    assert loaders.excluded == 3 and "data: skipped 3 undecodable images (--skip-bad-images)" in loaders.notes
+    assert loaders.train_size == 204  # 200 + 4 odd but decodable files
+    assert sum(len(y) for _, y in loaders.train.epoch(0)) == 200  # 10 full steps, nothing died
+
+
+@pytest.mark.parametrize("name", ["truncated.JPEG", "garbage.JPEG", "empty.JPEG"])
+def test_an_unscreened_bad_file_fails_with_an_error_naming_it(tiny_data, copy_of, name):
+    data = copy_of(tiny_data)
+    _add_bad_files(data / "val" / "bag")
+    for other in {"truncated.JPEG", "garbage.JPEG", "empty.JPEG"} - {name}:
+        (data / "val" / "bag" / other).unlink()
+    with pytest.raises(DataError, match=re.escape(f"{data / 'val' / 'bag' / name}: cannot decode image")):
+        list(_loaders(data, "dali-cpu", per_rank=5).val.batches())

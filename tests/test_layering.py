@@ -1,5 +1,6 @@
 """The core imports neither ray nor nvidia.dali: it must run on a bare GPU machine."""
 
+import json
 import subprocess
 import sys
 
@@ -28,3 +29,28 @@ def test_core_imports_without_ray_or_dali():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok []"
+
+
+BLOCK = "import sys\nfor m in ('ray', 'nvidia', 'nvidia.dali', 'mlflow'): sys.modules[m] = None\n"
+
+
+def test_bench_runs_without_ray_dali_or_mlflow():
+    # What a bare CUDA machine has: bench/gpu_check.py drives this same path.
+    code = BLOCK + (
+        "from rn50_ray.cli import main\n"
+        "sys.exit(main(['bench', 'train', '--backends', 'synthetic', '--image-size', '32', '--batch-size', '4',"
+        " '--global-batch', '4', '--steps', '2', '--warmup', '1', '--window', '1', '--peak-tflops', '1', '--json']))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    (row,) = json.loads(out.stdout)
+    assert row["what"] == "train" and row["backend"] == "synthetic" and row["batch"] == 4 and row["steps"] == 2
+    assert row["img_per_s"] > 0 and 0 < row["mfu_pct"] < 100
+
+
+def test_gpu_check_skips_cleanly_without_a_gpu():
+    out = subprocess.run([str(ROOT / "bench" / "gpu_check.sh"), "--quick"], capture_output=True, text=True, timeout=300)
+    if out.returncode == 0 and out.stdout.startswith("gpu_check on"):
+        return  # a CUDA machine: it measured instead
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "skip: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured"

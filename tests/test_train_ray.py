@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -60,35 +61,99 @@ def _wait_for(predicate, proc, timeout=300):
     pytest.fail("timed out waiting for the first checkpoint")
 
 
-def test_killed_run_resumes_from_its_last_checkpoint(tiny_data, tmp_path):
-    args = ("train", *FAST, "--data", tiny_data, "--storage", tmp_path, "--epochs", "2", "--warmup-epochs", "0.5")
-    proc = subprocess.Popen(
-        launch_cmd(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    snapshots = lambda: list(tmp_path.glob("*/checkpoint_manager_snapshot.json"))
-    _wait_for(lambda: any("checkpoint_epoch0001" in p.read_text() for p in snapshots()), proc)
+STEP_LINE = re.compile(r"epoch (\d+)/\d+ step (\d+)/\d+ loss (\S+)")
+
+
+def _step_losses(stdout: str) -> dict[tuple[int, int], float]:
+    return {(int(e), int(s)): float(loss) for e, s, loss in STEP_LINE.findall(stdout)}
+
+
+@pytest.mark.parametrize("backend", ["dali-cpu", "pytorch"])
+def test_killed_run_resumes_mid_epoch_with_the_same_losses(tiny_data, tmp_path, backend):
+    # 200 images / 32 per step = 6 steps an epoch; a checkpoint every 4 steps lands mid-epoch.
+    args = ("train", *FAST, "--backend", backend, "--data", tiny_data, "--epochs", "3", "--warmup-epochs", "0.5")
+    args += ("--log-every", "1", "--checkpoint-every-steps", "4")
+    reference = launch(*args, "--storage", tmp_path / "ref")
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+    expected = _step_losses(reference.stdout)
+    assert len(expected) == 18
+
+    storage = tmp_path / "runs"
+    cmd = launch_cmd(*args, "--storage", storage)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in proc.stdout:  # steps 4 and 8 were checkpointed by the time step 10 is logged
+        if "epoch 2/3 step 4/6" in line:
+            break
+    else:
+        pytest.fail("the run ended before the kill")
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started, at once
     proc.wait()
-    run = snapshots()[0].parent
-    assert len(_history(run)) == 1
-    out = launch(*args)
+    run = next(storage.iterdir())
+    out = launch(*args, "--storage", storage)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "(resuming)" in out.stdout and "resumed from" in out.stdout and "epoch 1, step 6" in out.stdout
-    assert "epoch 1/2 step" not in out.stdout.split("resumed from", 1)[1]  # epoch 1 was not trained again
-    history = _history(run)
-    assert [h["epoch"] for h in history] == [1, 2]
-    assert [h["step"] for h in history] == [6, 12]  # 200 images / 32 per step = 6 steps an epoch
+    assert "(resuming)" in out.stdout and "resumed from" in out.stdout
+    resumed = _step_losses(out.stdout.split("resumed from", 1)[1])
+    first = min(resumed)
+    assert first in {(1, 5), (2, 3)}  # right after the step 4 or step 8 checkpoint, mid-epoch
+    assert len(resumed) == 18 - ((first[0] - 1) * 6 + first[1] - 1)  # every remaining step ran once
+    for key, loss in resumed.items():  # fp32 on CPU: the same batches and weights give the same loss
+        assert loss == pytest.approx(expected[key], abs=2e-4), key
+    assert [h["step"] for h in _history(run)] == [6, 12, 18]
 
 
-def test_undecodable_image_fails_with_one_line_and_leaves_nothing(tiny_data, copy_of, tmp_path):
+@pytest.mark.parametrize("screen", ["true", "false"])
+def test_undecodable_image_fails_with_one_line_and_leaves_nothing(tiny_data, copy_of, tmp_path, screen):
+    # Screened on the driver by default; unscreened, the DALI worker meets the file and names it.
     data = copy_of(tiny_data)
     bad = data / "val" / "bag" / "broken.JPEG"  # val is read whole, so the file is met for sure
     bad.write_bytes(b"\xff\xd8\xff not really a JPEG")
-    out = launch("train", *FAST, "--data", data, "--storage", tmp_path / "runs", "--epochs", "2", "--warmup-epochs", "0.5")
-    assert out.returncode == 2
+    runs = tmp_path / "runs"
+    out = launch(
+        "train",
+        *FAST,
+        "--data",
+        data,
+        "--storage",
+        runs,
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0.5",
+        "--set",
+        f"data.screen_images={screen}",
+    )
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and f"{bad}: cannot decode image" in last and "--skip-bad-images" in last
-    assert not any((tmp_path / "runs").iterdir())
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_skip_bad_images_trains_and_counts_them(tiny_data, copy_of, tmp_path):
+    data = copy_of(tiny_data)
+    good = next((data / "train" / "coat").glob("*.JPEG")).read_bytes()
+    (data / "train" / "coat" / "cut.JPEG").write_bytes(good[:200])
+    (data / "val" / "bag" / "empty.JPEG").write_bytes(b"")
+    (data / "train" / "coat" / "notes.txt").write_text("not an image")
+    out = launch(
+        "train",
+        *FAST,
+        "--data",
+        data,
+        "--storage",
+        tmp_path,
+        "--name",
+        "skip",
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0.5",
+        "--skip-bad-images",
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "data: screened 252 images" in out.stdout and "2 undecodable" in out.stdout
+    assert "data: skipped 2 undecodable images (--skip-bad-images)" in out.stdout
+    assert "data: ignored 1 non-image files" in out.stdout
+    assert _history(tmp_path / "skip")[-1]["data/skipped_images"] == 2
 
 
 def test_more_workers_than_the_cluster_fails_fast(tiny_data, tmp_path):

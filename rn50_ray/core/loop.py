@@ -220,8 +220,9 @@ def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, An
         if trainer.ema is not None:
             ema_val = evaluate(trainer.ema.module, loaders.val.batches(), loaders.num_classes, trainer.precision, device)
             record.update({f"val_ema/{k}": v for k, v in ema_val.items()})
-        if getattr(train, "skipped", 0):
-            record["data/skipped_images"] = train.skipped
+        skipped = getattr(train, "skipped", 0) + loaders.excluded
+        if skipped:
+            record["data/skipped_images"] = skipped
         if math.isnan(mean_loss):
             raise FloatingPointError(f"train loss is NaN at epoch {epoch + 1}; lower optim.lr_per_256")
         progress.epoch += 1

@@ -8,7 +8,7 @@ normalized float tensors (channels_last when asked) with int64 labels.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +34,7 @@ class Loaders:
     train_size: int
     val_size: int
     notes: list[str] = field(default_factory=list)  # lines for the log
+    excluded: int = 0  # undecodable files left out before training (--skip-bad-images)
 
 
 class DeviceNormalizer:
@@ -91,8 +92,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def make_loaders(
-    data_cfg, shard: Shard, per_rank: int, *, global_batch: int, seed: int, channels_last: bool, fp16_input: bool = False
+    data_cfg,
+    shard: Shard,
+    per_rank: int,
+    *,
+    global_batch: int,
+    seed: int,
+    channels_last: bool,
+    fp16_input: bool = False,
+    bad_files: Collection[str] = (),
 ) -> Loaders:
+    """`bad_files` (from `screen.find_bad_images` on the driver) are left out of both splits."""
     backend = resolve_backend(data_cfg.backend, shard.device)
     if backend == "synthetic":
         from rn50_ray.data.synthetic import make_synthetic_loaders
@@ -101,6 +111,8 @@ def make_loaders(
             data_cfg, shard, per_rank, global_batch=global_batch, seed=seed, channels_last=channels_last
         )
     train_split, val_split = check_dataset(data_cfg.path)
+    if bad_files:
+        train_split, val_split = train_split.without(bad_files), val_split.without(bad_files)
     steps = len(train_split) // global_batch
     if steps == 0:
         from rn50_ray.errors import DataError
@@ -115,6 +127,9 @@ def make_loaders(
     ]
     if train_split.ignored or val_split.ignored:
         notes.append(f"data: ignored {train_split.ignored + val_split.ignored} non-image files")
+    excluded = train_split.excluded + val_split.excluded
+    if excluded:
+        notes.append(f"data: skipped {excluded} undecodable images (--skip-bad-images)")
     sizes = (len(train_split.classes), len(train_split), len(val_split))
     if backend in ("dali-cpu", "dali-gpu"):
         from rn50_ray.data import dali
@@ -137,7 +152,7 @@ def make_loaders(
             train_split, per_rank=per_rank, steps=steps, area_min=data_cfg.crop_area_min, fp16=fp16_input, seed=seed, **common
         )
         val = dali.DaliVal(val_split, batch=per_rank, crop_ratio=data_cfg.val_crop_ratio, fp16=fp16_input, **common)
-        return Loaders(train, val, *sizes, notes)
+        return Loaders(train, val, *sizes, notes, excluded)
     from rn50_ray.data import pytorch as tp
 
     pin = shard.device.type == "cuda"
@@ -163,4 +178,4 @@ def make_loaders(
         pin,
         data_cfg.skip_bad_images,
     )
-    return Loaders(TorchTrain(train, tsampler, normalize, steps), TorchVal(val, normalize), *sizes, notes)
+    return Loaders(TorchTrain(train, tsampler, normalize, steps), TorchVal(val, normalize), *sizes, notes, excluded)

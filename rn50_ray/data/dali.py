@@ -12,6 +12,8 @@ backend exactly and files that are not images are never read. Imported only when
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Iterator
 
 import torch
@@ -20,10 +22,37 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from rn50_ray.data import MEAN, STD
 from rn50_ray.data.folder import Split
+from rn50_ray.data.screen import bad_image_error, find_bad_images
+from rn50_ray.errors import DataError
 
 READER = "Reader"
 # nvJPEG's buffers sized for full-size ImageNet images, as in NVIDIA's pipeline.
 DEVICE_PADDING, HOST_PADDING = 211_025_920, 140_544_512
+
+
+# How DALI names the file it failed on, where it does (a bad header gives only a codec status).
+_FAILED_FILE = re.compile(r"(?:Failed to decode sample #\d+ : |File mapping failed: |Could not open file )(\S+)")
+
+
+@contextlib.contextmanager
+def _bad_file_errors(split: Split) -> Iterator[None]:
+    """A failed pipeline as a DataError naming the file: DALI cannot skip a sample mid-batch,
+    so a file that got past the driver's screen still ends the run, but with a clear message."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        if "Critical error in pipeline" not in text:
+            raise
+        found = _FAILED_FILE.search(text)
+        if found:
+            raise DataError(f"{found.group(1)}: cannot decode image (DALI); remove it or pass --skip-bad-images") from None
+        bad = find_bad_images(p for p, _ in split.samples)  # DALI did not say which: look (on failure only)
+        if bad:
+            raise bad_image_error(bad) from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        detail = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else lines[-1]
+        raise DataError(f"{split.root}: DALI could not decode an image that PIL decodes ({detail})") from None
 
 
 def _normalize(images, mirror, *, size: int, fp16: bool, nhwc: bool):
@@ -118,6 +147,7 @@ class DaliTrain:
         hw_decoder_load: float = 0.65,
     ):
         self.files, self.labels = _lists(split)
+        self.split = split
         self.kw = dict(
             shard_id=rank,
             num_shards=world,
@@ -132,7 +162,6 @@ class DaliTrain:
         self.threads, self.seed, self.rank = threads, seed, rank
         self.device_id = device.index if gpu else None  # Ray's torch device, not ray.get_gpu_ids()
         self.device, self.nhwc = device, nhwc
-        self.skipped = 0
         self.restored: bytes | None = None
         self.iterator: DALIGenericIterator | None = None
 
@@ -149,9 +178,10 @@ class DaliTrain:
             prefetch_queue_depth=2,
             **self.kw,
         )
-        self.iterator = DALIGenericIterator(
-            pipe, ["images", "labels"], reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=True
-        )
+        with _bad_file_errors(self.split):
+            self.iterator = DALIGenericIterator(
+                pipe, ["images", "labels"], reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=True
+            )
 
     def state(self) -> bytes | None:
         """Serialized reader and RNG state: where the next batch comes from."""
@@ -165,10 +195,11 @@ class DaliTrain:
             self._build(epoch, self.restored)
             self.restored = None
         todo = self.steps_per_epoch - start_step
-        for i, batch in enumerate(self.iterator):
-            if i >= todo:
-                continue  # drain: the padded shard may hold one batch more than the global plan
-            yield _to_torch(batch, self.nhwc, self.device)
+        with _bad_file_errors(self.split):
+            for i, batch in enumerate(self.iterator):
+                if i >= todo:
+                    continue  # drain: the padded shard may hold one batch more than the global plan
+                yield _to_torch(batch, self.nhwc, self.device)
 
 
 class DaliVal:
@@ -203,12 +234,14 @@ class DaliVal:
             nhwc=nhwc,
             seed=0,
         )
-        self.iterator = DALIGenericIterator(
-            pipe, ["images", "labels"], reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
-        )
-        self.device, self.nhwc = device, nhwc
+        self.split, self.device, self.nhwc = split, device, nhwc
+        with _bad_file_errors(self.split):
+            self.iterator = DALIGenericIterator(
+                pipe, ["images", "labels"], reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
+            )
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in self.iterator:
-            images, labels = _to_torch(batch, self.nhwc, self.device)
-            yield images.float(), labels
+        with _bad_file_errors(self.split):
+            for batch in self.iterator:
+                images, labels = _to_torch(batch, self.nhwc, self.device)
+                yield images.float(), labels

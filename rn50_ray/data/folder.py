@@ -6,7 +6,9 @@ gives the same labels. Files whose extension is not an image's are ignored and c
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +23,15 @@ class Split:
     classes: tuple[str, ...]
     samples: tuple[tuple[str, int], ...]  # (path, label)
     ignored: int  # files skipped for their extension
+    excluded: int = 0  # undecodable files left out under --skip-bad-images
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def without(self, bad: Collection[str]) -> Split:
+        bad = set(bad)
+        kept = tuple(s for s in self.samples if s[0] not in bad)
+        return dataclasses.replace(self, samples=kept, excluded=self.excluded + len(self.samples) - len(kept))
 
 
 def scan_split(root: str | os.PathLike, split: str) -> Split:
