@@ -43,6 +43,8 @@ TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--max-failures": ("scale.max_failures", {"type": int}),
     "--address": ("scale.address", {}),
     "--no-resource-check": ("scale.check_resources", {"action": "store_const", "const": False}),
+    "--resize-interval": ("scale.resize_interval_s", {"type": float}),
+    "--worker-resources": ("scale.worker_resources", {}),
     "--name": ("run.name", {}),
     "--storage": ("run.storage", {}),
     "--log-every": ("run.log_every", {"type": int}),
@@ -95,6 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"run folder: {summary['run_uri']}")
     if summary.get("checkpoint"):
         print(f"latest checkpoint: {summary['checkpoint']}")
+    if summary.get("best_checkpoint"):
+        print(f"best checkpoint: {summary['best_checkpoint']} (val top1 {summary.get('best_top1', 0):.2f}%)")
     return 0
 
 

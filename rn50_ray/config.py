@@ -127,6 +127,12 @@ class ScaleConfig:
     max_failures: int = _opt(0, "worker-group failures to retry; -1 is unlimited", check=(lambda v: v >= -1, "an integer >= -1"))
     address: str = _opt("", "Ray address; empty starts a local Ray (or joins RAY_ADDRESS)")
     check_resources: bool = _opt(True, "fail fast when the cluster cannot place MIN workers (off for autoscalers)")
+    resize_interval_s: float = _opt(60.0, "seconds between checks for room to grow an elastic run", check=NON_NEGATIVE)
+    worker_resources: str = _opt(
+        "",
+        "extra Ray resources per worker, NAME=AMOUNT[,NAME=AMOUNT] (e.g. accelerator_type:H100=0.001)",
+        check=(lambda v: parse_resources(v) is not None, "NAME=AMOUNT pairs separated by commas, amounts > 0"),
+    )
 
 
 @dataclass
@@ -164,13 +170,14 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def shaping_items(self) -> dict[str, Any]:
+        """The flattened keys that shape the result. Where and on how many workers a run trains
+        does not (the global batch is fixed), so a run resumes across resizes and cluster moves."""
+        return {k: v for k, v in flatten(self.to_dict()).items() if not k.startswith(NOT_SHAPING)}
+
     def fingerprint(self) -> str:
         """Short hash of everything that shapes the result; the default run name uses it."""
-        d = self.to_dict()
-        for key in ("name", "storage", "log_every", "stop_after_epochs"):
-            d["run"].pop(key)
-        d["scale"].pop("address")
-        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+        return hashlib.sha1(json.dumps(self.shaping_items(), sort_keys=True).encode()).hexdigest()[:8]
 
     @property
     def min_workers(self) -> int:
@@ -179,6 +186,31 @@ class Config:
     @property
     def max_workers(self) -> int:
         return _parse_workers(self.scale.workers)[1]
+
+
+NOT_SHAPING = ("run.", "scale.", "data.loader_workers", "data.screen_images")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def parse_resources(value: str) -> dict[str, float] | None:
+    """ "a=1,b=0.5" -> {"a": 1.0, "b": 0.5}; None when malformed."""
+    out: dict[str, float] = {}
+    for item in filter(None, (p.strip() for p in str(value).split(","))):
+        name, sep, amount = item.rpartition("=")
+        try:
+            if not sep or not name or float(amount) <= 0:
+                return None
+            out[name] = float(amount)
+        except ValueError:
+            return None
+    return out
 
 
 def _parse_workers(value: str) -> tuple[int, int] | None:

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import posixpath
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ import ray.train
 import ray.train.torch
 import yaml
 
-from rn50_ray.config import Config
+from rn50_ray.config import Config, parse_resources
 from rn50_ray.core.loop import fit, use_channels_last
 from rn50_ray.core.recipe import plan_batches
 from rn50_ray.core.step import resolve_precision
@@ -67,6 +68,7 @@ class RayContext:
         self.world_rank, self.world_size = tctx.get_world_rank(), tctx.get_world_size()
         self.device = ray.train.torch.get_device()  # the index into CUDA_VISIBLE_DEVICES, not a physical id
         self.run_uri = run_uri
+        self.latest = ""
 
     @contextlib.contextmanager
     def open_checkpoint(self) -> Iterator[str | None]:
@@ -76,8 +78,38 @@ class RayContext:
         if ckpt is None:
             yield None
             return
+        self.latest = posixpath.basename(ckpt.path.rstrip("/"))
         with ckpt.as_directory() as path:
             yield path
+
+    def older_checkpoints(self) -> Iterator[contextlib.AbstractContextManager[str]]:
+        fs, base = run_filesystem(self.run_uri)
+        infos = fs.get_file_info(pafs.FileSelector(base))
+        names = [i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+        for name in sorted((n for n in names if n < self.latest), reverse=True):  # names sort by epoch and step
+            yield ray.train.Checkpoint(f"{base}/{name}", filesystem=fs).as_directory()
+
+    def save_best(self, checkpoint_dir: str, name: str) -> None:
+        fs, base = run_filesystem(self.run_uri)
+        final = f"{base}/best_{name}"
+        local = isinstance(fs, pafs.LocalFileSystem)
+        target = f"{base}/.tmp_best_{name}" if local else final  # object stores have no folder rename
+        fs.create_dir(target, recursive=True)
+        pafs.copy_files(checkpoint_dir, target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        if local:
+            if fs.get_file_info(final).type != pafs.FileType.NotFound:
+                fs.delete_dir(final)  # the same step trained again after a restart
+            fs.move(target, final)
+        for info in fs.get_file_info(pafs.FileSelector(base)):
+            if info.base_name.startswith("best_") and info.path.rstrip("/") != final:
+                fs.delete_dir(info.path)
+
+    def preemption(self) -> dict[str, Any] | None:
+        info = ray.train.get_preemption_info()  # a barrier: every rank calls it at the same steps
+        if info is None:
+            return None
+        left = info.deadline_ms / 1000 - time.time() if info.deadline_ms else None
+        return {"nodes": [n[:12] for n in info.preempted_node_ids], "seconds_left": left}
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str) -> None:
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -170,20 +202,13 @@ def check_existing_run(cfg: Config) -> bool:
         return False
     old = Config.from_dict(yaml.safe_load(text), source=f"{run_uri(cfg)}/config.yaml")
     if old.fingerprint() != cfg.fingerprint():
-        a, b = _flat(old.to_dict()), _flat(cfg.to_dict())
-        diff = [k for k in b if a.get(k) != b[k] and not k.startswith(("run.", "scale.address"))]
+        a, b = old.shaping_items(), cfg.shaping_items()
+        diff = [k for k in b if a.get(k) != b[k]]
         raise ConfigError(
             f"run.name: run {cfg.run.name!r} in {cfg.run.storage} was started with another config "
             f"(differs in {', '.join(diff[:6])}); pass a new --name to start a new run"
         )
     return True
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def connect(cfg: Config) -> None:
@@ -201,15 +226,22 @@ def connect(cfg: Config) -> None:
         )
 
 
+def worker_resources(cfg: Config) -> dict[str, float]:
+    gpus = cfg.scale.gpus_per_worker
+    return {"CPU": cfg.scale.cpus_per_worker, **({"GPU": gpus} if gpus else {}), **parse_resources(cfg.scale.worker_resources)}
+
+
 def check_resources(cfg: Config) -> None:
-    """Fail fast instead of waiting forever for workers that the cluster can never place."""
+    """Fail fast instead of waiting forever for MIN workers that the cluster can never place."""
     have = ray.cluster_resources()
     n = cfg.min_workers
-    need_cpu, need_gpu = n * cfg.scale.cpus_per_worker, n * cfg.scale.gpus_per_worker
-    if need_cpu > have.get("CPU", 0) or need_gpu > have.get("GPU", 0):
+    need = {k: n * v for k, v in worker_resources(cfg).items()}
+    short = {k: v for k, v in need.items() if v > have.get(k, 0)}
+    if short:
+        wants = ", ".join(f"{v:g} {k}" for k, v in need.items())
+        has = ", ".join(f"{have.get(k, 0):g} {k}" for k in need)
         raise UserError(
-            f"scale.workers: {n} workers need {need_cpu:g} CPUs and {need_gpu:g} GPUs, but the Ray "
-            f"cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs; lower --workers "
+            f"scale.workers: {n} workers need {wants}, but the Ray cluster has {has}; lower --workers "
             f"or --cpus-per-worker, add nodes, or pass --no-resource-check on an autoscaling cluster"
         )
 
@@ -217,12 +249,17 @@ def check_resources(cfg: Config) -> None:
 def build_trainer(cfg: Config, bad_files: list[str] | None = None) -> ray.train.torch.TorchTrainer:
     gpus = cfg.scale.gpus_per_worker
     workers: int | tuple[int, int] = cfg.min_workers if cfg.min_workers == cfg.max_workers else (cfg.min_workers, cfg.max_workers)
-    resources = {"CPU": cfg.scale.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    scaling = ray.train.ScalingConfig(
+        num_workers=workers,
+        use_gpu=gpus > 0,
+        resources_per_worker=worker_resources(cfg),
+        elastic_resize_monitor_interval_s=cfg.scale.resize_interval_s,
+    )
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_uri": run_uri(cfg), "bad_files": bad_files or []},
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if gpus else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources),
+        scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
             storage_path=cfg.run.storage,
@@ -240,6 +277,16 @@ def has_checkpoint(cfg: Config) -> bool:
     except (FileNotFoundError, OSError):
         return False
     return any(i.base_name.startswith("checkpoint_") and i.type == pafs.FileType.Directory for i in infos)
+
+
+def best_checkpoint(run: str) -> str | None:
+    """The run's `best_*` folder (kept apart from the newest-K checkpoints), if any."""
+    fs, base = run_filesystem(run)
+    try:
+        names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(base)) if i.base_name.startswith("best_"))
+    except (FileNotFoundError, OSError):
+        return None
+    return f"{run}/{names[-1]}" if names else None
 
 
 def remove_run(cfg: Config) -> None:
@@ -273,6 +320,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
         raise
     summary = dict(result.return_value or {})
     summary["run_uri"] = run_uri(cfg)
-    best = result.checkpoint if hasattr(result, "checkpoint") else None
-    summary["checkpoint"] = best.path if best else None
+    latest = result.checkpoint if hasattr(result, "checkpoint") else None
+    summary["checkpoint"] = latest.path if latest else None
+    summary["best_checkpoint"] = best_checkpoint(run_uri(cfg))
     return summary

@@ -33,7 +33,7 @@ def _run(data, run_dir, **overrides):
     )
     plan = plan_batches(20, 1, 20)
     loaders = make_loaders(cfg.data, Shard(0, 1, torch.device("cpu")), 20, global_batch=20, seed=0, channels_last=False)
-    ctx = LocalContext(run_dir, quiet=True)
+    ctx = LocalContext(run_dir, quiet=True, keep=cfg.run.keep_checkpoints)
     return fit(cfg, ctx, loaders, plan), ctx
 
 
@@ -88,3 +88,28 @@ def test_atomic_save_and_clear_errors_for_bad_files(tmp_path):
     torch.save({"x": 1}, tmp_path / "foreign.pt")
     with pytest.raises(UserError, match="not an rn50-ray checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_best_checkpoint_is_kept_apart_from_the_newest(tiny_data, tmp_path):
+    _, ctx = _run(tiny_data, tmp_path / "run", **{"schedule.epochs": 3, "run.keep_checkpoints": 1})
+    best = list((tmp_path / "run").glob("best_*"))
+    assert len(best) == 1 and len(ctx.checkpoints()) == 1  # newest K=1, plus the best
+    top1 = [r["val/top1"] for r in ctx.reports if "val/top1" in r]
+    best_epoch = max(range(len(top1)), key=lambda i: (top1[i], -i)) + 1  # the first epoch with the highest top-1
+    assert best[0].name.startswith(f"best_epoch{best_epoch:04d}_")
+    state = load_checkpoint(best[0])
+    assert state["progress"]["best_top1"] == pytest.approx(max(top1))
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_one_before(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    _run(tiny_data, run, **{"run.checkpoint_every_steps": 4, "run.stop_after_epochs": 1, "run.keep_checkpoints": 5})
+    ctx = LocalContext(run)
+    newest, before = ctx.checkpoints()[-1], ctx.checkpoints()[-2]
+    assert newest.name == "checkpoint_epoch0001_step00000010" and before.name == "checkpoint_epoch0000_step00000008"
+    state = newest / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # storage lost the end of the file
+    cfg = {"run.checkpoint_every_steps": 4, "run.keep_checkpoints": 5}
+    summary, ctx = _run(tiny_data, run, **cfg)
+    assert summary["step"] == 20 and summary["finished"]
+    assert ctx.reports[0]["step"] == 10  # epoch 1 was finished again from step 8, then epoch 2

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,11 +29,32 @@ class TrainContext(Protocol):
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str) -> None:
         """Called by every rank the same number of times; rank 0 passes the checkpoint."""
 
+    def older_checkpoints(self) -> Iterator[contextlib.AbstractContextManager[str]]:
+        """Checkpoints before the one `open_checkpoint` gave, newest first, each as a local folder
+        valid inside its block: the fallbacks when that one cannot be read."""
+
+    def save_best(self, checkpoint_dir: str, name: str) -> None:
+        """Keep a copy of this checkpoint as the run's best (rank 0 only), replacing the previous best."""
+
+    def preemption(self) -> dict[str, Any] | None:
+        """None, or {"nodes": [...], "seconds_left": float | None} while a node of this run drains.
+        Every rank calls it at the same steps."""
+
     def write_text(self, name: str, text: str) -> None:
         """Write a small file into the run folder (rank 0 only)."""
 
     def log(self, line: str) -> None:
         """Print a line on rank 0."""
+
+
+def replace_dir(src: str | os.PathLike, parent: Path, name: str) -> Path:
+    """Copy a folder to parent/name so that it appears whole or not at all."""
+    final, tmp = parent / name, parent / f".tmp_{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
 
 
 class LocalContext:
@@ -55,17 +77,24 @@ class LocalContext:
     def open_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
         return contextlib.nullcontext(self.latest_checkpoint())
 
+    def older_checkpoints(self) -> Iterator[contextlib.AbstractContextManager[str]]:
+        return (contextlib.nullcontext(str(p)) for p in reversed(self.checkpoints()[:-1]))
+
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str) -> None:
         self.reports.append(dict(metrics))
         if checkpoint_dir:
-            final = self.run_dir / f"checkpoint_{name}"
-            tmp = self.run_dir / f".tmp_checkpoint_{name}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(checkpoint_dir, tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)  # a folder appears whole or not at all
+            replace_dir(checkpoint_dir, self.run_dir, f"checkpoint_{name}")
             for old in self.checkpoints()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
+
+    def save_best(self, checkpoint_dir: str, name: str) -> None:
+        kept = replace_dir(checkpoint_dir, self.run_dir, f"best_{name}")
+        for old in self.run_dir.glob("best_*"):
+            if old != kept:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def preemption(self) -> dict[str, Any] | None:
+        return None  # one process on one machine: nothing tells it of a drain
 
     def write_text(self, name: str, text: str) -> None:
         tmp = self.run_dir / f".{name}.tmp"

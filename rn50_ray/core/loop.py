@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import tempfile
 import time
@@ -20,6 +22,7 @@ from rn50_ray.core.context import TrainContext, jsonl
 from rn50_ray.core.model import build_model, model_kwargs
 from rn50_ray.core.state import Progress, load_checkpoint, progress_from_dict, rng_state, save_checkpoint, set_rng_state
 from rn50_ray.core.step import Precision, eval_step, resolve_precision, train_step
+from rn50_ray.errors import UserError
 
 
 def use_channels_last(memory_format: str, device: torch.device) -> bool:
@@ -149,6 +152,7 @@ def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, An
         f"{'channels_last' if trainer.channels_last else 'contiguous'}"
     )
     epochs_this_run = 0
+    preempt_saved, checkpoint_now, last_report_s = False, False, 0.0
     val: dict[str, float] = {}
     summary: dict[str, Any] = {}
     while progress.epoch < cfg.schedule.epochs:
@@ -197,9 +201,17 @@ def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, An
                 )
                 loss_sum.zero_()
                 interval_steps, data_wait, t_mark = 0, 0.0, time.perf_counter()
+                notice = ctx.preemption()  # every rank asks at the same steps: it is a barrier under Ray
+                if notice is not None and not preempt_saved:
+                    preempt_saved = True
+                    checkpoint_now = _preemption_checkpoint(ctx, notice, last_report_s, progress.step)
             every = cfg.run.checkpoint_every_steps
-            if every and progress.step % every == 0 and progress.step_in_epoch < steps_per_epoch:
+            checkpoint_now |= bool(every) and progress.step % every == 0
+            if checkpoint_now and progress.step_in_epoch < steps_per_epoch:  # the epoch's end reports anyway
+                t_report = time.perf_counter()
                 _report(ctx, trainer, {"epoch": epoch, "step": progress.step, "world_size": ctx.world_size}, train)
+                last_report_s = time.perf_counter() - t_report
+            checkpoint_now = False
         epoch_time = time.perf_counter() - t_epoch
         steps_done = progress.step_in_epoch - start
         (mean_loss,) = _all_reduce_sum(epoch_loss.reshape(1), device)
@@ -227,6 +239,7 @@ def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, An
             raise FloatingPointError(f"train loss is NaN at epoch {epoch + 1}; lower optim.lr_per_256")
         progress.epoch += 1
         progress.step_in_epoch = 0
+        is_best = val["top1"] > progress.best_top1 or not progress.history
         progress.best_top1 = max(progress.best_top1, val["top1"])
         progress.history.append(record)
         ctx.log(
@@ -236,7 +249,9 @@ def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, An
         )
         if ctx.world_rank == 0:
             ctx.write_text("metrics.jsonl", jsonl(progress.history))
-        _report(ctx, trainer, record, train)
+        t_report = time.perf_counter()
+        _report(ctx, trainer, record, train, best=is_best)
+        last_report_s = time.perf_counter() - t_report
         epochs_this_run += 1
         summary = {
             **record,
@@ -258,8 +273,40 @@ def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, An
     return summary
 
 
+def _preemption_checkpoint(ctx: TrainContext, notice: dict[str, Any], last_report_s: float, step: int) -> bool:
+    """Whether to checkpoint now: yes, unless the deadline is nearer than a checkpoint takes."""
+    left = notice.get("seconds_left")
+    nodes = ", ".join(notice.get("nodes", [])) or "a node"
+    if left is not None and left < last_report_s:
+        ctx.log(f"preemption: {nodes} draining in {left:.0f} s, sooner than a checkpoint takes ({last_report_s:.0f} s)")
+        return False
+    when = f" in {left:.0f} s" if left is not None else ""
+    ctx.log(f"preemption: {nodes} draining{when}; checkpointing at step {step}")
+    return True
+
+
+def _load_first_readable(ctx: TrainContext, resume: str) -> tuple[dict[str, Any], str, contextlib.ExitStack]:
+    """The newest checkpoint that loads. Writes are atomic, but storage can still lose or cut a
+    file; an unreadable newest checkpoint falls back to the one before, and says so."""
+    stack = contextlib.ExitStack()
+    for candidate in itertools.chain([contextlib.nullcontext(resume)], ctx.older_checkpoints()):
+        path = stack.enter_context(candidate)
+        try:
+            return load_checkpoint(path, map_location=ctx.device), path, stack
+        except UserError as e:
+            ctx.log(f"checkpoint unreadable, trying the one before: {e}")
+    stack.close()
+    raise UserError(f"no readable checkpoint for this run (the newest is {resume}); pass a new --name to start over")
+
+
 def _resume(ctx: TrainContext, trainer: Trainer, train, resume: str, plan: recipe.BatchPlan) -> None:
-    trainer.load_state_dict(load_checkpoint(resume, map_location=ctx.device))
+    state, resume, stack = _load_first_readable(ctx, resume)
+    with stack:
+        trainer.load_state_dict(state)
+        _after_load(ctx, trainer, train, resume, plan)
+
+
+def _after_load(ctx: TrainContext, trainer: Trainer, train, resume: str, plan: recipe.BatchPlan) -> None:
     p = trainer.progress
     ctx.log(f"resumed from {resume}: epoch {p.epoch}, step {p.step} ({p.step_in_epoch} into the epoch)")
     if p.world_size and p.world_size != ctx.world_size:
@@ -285,9 +332,10 @@ def _restore_data_state(ctx: TrainContext, train, resume: str, p) -> None:
         )
 
 
-def _report(ctx: TrainContext, trainer: Trainer, metrics: dict[str, Any], train=None) -> None:
+def _report(ctx: TrainContext, trainer: Trainer, metrics: dict[str, Any], train=None, best: bool = False) -> None:
     """Every rank reports (a barrier under Ray). Rank 0 writes the training state; every rank
-    writes its reader state, if any, and Ray merges the ranks' folders into one checkpoint."""
+    writes its reader state, if any, and Ray merges the ranks' folders into one checkpoint.
+    A new best val top-1 is also kept apart, as `best_<name>`, beyond the newest-K pruning."""
     name = f"epoch{trainer.progress.epoch:04d}_step{trainer.progress.step:08d}"
     data_state = train.state() if train is not None and hasattr(train, "state") else None
     if ctx.world_rank != 0 and data_state is None:
@@ -298,4 +346,6 @@ def _report(ctx: TrainContext, trainer: Trainer, metrics: dict[str, Any], train=
             (Path(tmp) / f"data_rank{ctx.world_rank}.bin").write_bytes(data_state)
         if ctx.world_rank == 0:
             save_checkpoint(tmp, trainer.state_dict(), trainer.cfg.to_yaml())
+            if best:
+                ctx.save_best(tmp, name)
         ctx.report(metrics, tmp, name)

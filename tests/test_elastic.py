@@ -1,0 +1,145 @@
+"""Elastic and fault-tolerant training on a real multi-node Ray cluster on this machine.
+
+`ray.cluster_utils.Cluster` starts a head and worker nodes (separate raylets); each worker node has
+one CPU and one `slot` resource, and every Ray Train worker asks for a slot, so workers land on
+distinct nodes. Training runs on the CPU: no fake GPUs are needed. The driver is `launch.py train
+--address ...` in a subprocess; the test adds, drains and removes nodes while it reads the log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import FAST, ROOT, launch_cmd
+
+pytestmark = pytest.mark.ray
+
+FAST_RAY = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20",  # a start planned on a stale view of a lost node
+}
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # worker processes import this checkout
+    for k, v in FAST_RAY.items():
+        monkeypatch.setenv(k, v)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 100 * 2**20})
+    yield c
+    c.shutdown()
+
+
+def add_worker_node(c):
+    return c.add_node(num_cpus=1, resources={"slot": 1}, object_store_memory=100 * 2**20)
+
+
+def train_args(data: Path, storage: Path, cluster, *extra: str) -> list[str]:
+    return launch_cmd(
+        "train", *FAST, "--data", data, "--storage", storage, "--name", "elastic", "--address", cluster.address,
+        "--worker-resources", "slot=1", "--log-every", "1", "--max-failures", "3", *extra,
+    )  # fmt: skip
+
+
+def watch(cmd: list[str], actions: list[tuple[str, Callable[[str], None]]], timeout: float = 600) -> tuple[int, str]:
+    """Run the driver; when a line holds the next marker, run its action on the line. Returns (status, output)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        while actions and actions[0][0] in line:
+            actions.pop(0)[1](line)
+        if time.time() > deadline:
+            proc.kill()
+            break
+    status = proc.wait()
+    assert not actions, f"never saw {actions[0][0]!r}:\n{''.join(lines)[-4000:]}"
+    return status, "".join(lines)
+
+
+def _history(storage: Path) -> list[dict]:
+    return [json.loads(x) for x in (storage / "elastic" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_node_drained_then_lost_shrinks_and_finishes(tiny_data, tmp_path, cluster):
+    add_worker_node(cluster)
+    doomed = add_worker_node(cluster)
+
+    def drain(_):  # the notice a cloud gives before it reclaims a spot node
+        import ray
+        from ray.core.generated import autoscaler_pb2
+
+        gcs = ray._raylet.GcsClient(address=cluster.address)
+        reason = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
+        accepted, _ = gcs.drain_node(doomed.node_id, reason, "spot reclaim", int(time.time() * 1000) + 120_000)
+        assert accepted
+
+    def lose_node_once_saved(line):  # the node goes at its deadline, after the checkpoint is stored
+        step = int(line.split("checkpointing at step ")[1].split()[0])
+        snapshot = tmp_path / "elastic" / "checkpoint_manager_snapshot.json"
+        deadline = time.time() + 60
+        while f"_step{step:08d}" not in (snapshot.read_text() if snapshot.exists() else ""):
+            assert time.time() < deadline, "the preemption checkpoint was never registered"
+            time.sleep(0.2)
+        cluster.remove_node(doomed, allow_graceful=False)
+
+    args = train_args(tiny_data, tmp_path, cluster, "--workers", "1:2", "--epochs", "4", "--warmup-epochs", "0.5")
+    status, out = watch(
+        args,
+        [
+            ("epoch 2/4 step 2/6", drain),
+            ("checkpointing at step", lose_node_once_saved),
+        ],
+    )
+    assert status == 0, out[-4000:]
+    assert "draining in 1" in out  # about 120 s left: time enough to checkpoint
+    history = _history(tmp_path)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4] and history[-1]["step"] == 24
+    assert history[0]["world_size"] == 2 and history[-1]["world_size"] == 1
+    assert "resize: world size 2 -> 1" in out
+    assert "global batch 32 = 1 workers x 16 x 2 accumulation" in out  # the recipe did not change
+    saved_at = int(out.split("checkpointing at step ")[1].split()[0])
+    assert f"step {saved_at} (" in out.split("resize: world size 2 -> 1")[0]  # resumed from the preemption checkpoint
+    assert "resizes 1" in out
+
+
+def test_node_gain_grows_the_run_to_max(tiny_data, tmp_path, cluster):
+    add_worker_node(cluster)
+    args = train_args(
+        tiny_data, tmp_path, cluster, "--workers", "1:2", "--epochs", "4", "--warmup-epochs", "0.5",
+        "--resize-interval", "1", "--checkpoint-every-steps", "2",
+    )  # fmt: skip
+    status, out = watch(args, [("epoch 1/4 step 2/6", lambda _: add_worker_node(cluster))])
+    assert status == 0, out[-4000:]
+    history = _history(tmp_path)
+    assert history[0]["world_size"] == 1 and history[-1]["world_size"] == 2
+    assert "resize: world size 1 -> 2" in out and "global batch 32 = 2 workers x 16 x 1 accumulation" in out
+    assert history[-1]["step"] == 24
+
+
+def test_worker_crash_restarts_from_the_last_checkpoint(tiny_data, tmp_path):
+    def kill_a_worker():
+        workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        assert workers
+        workers[-1].send_signal(signal.SIGKILL)
+
+    args = launch_cmd(
+        "train", *FAST, "--data", tiny_data, "--storage", tmp_path, "--name", "elastic", "--epochs", "3",
+        "--warmup-epochs", "0.5", "--log-every", "1", "--checkpoint-every-steps", "3", "--max-failures", "2",
+    )  # fmt: skip
+    status, out = watch(args, [("epoch 2/3 step 2/6", lambda _: kill_a_worker())])
+    assert status == 0, out[-4000:]
+    assert "resumed from" in out and "epoch 1, step 6" in out  # the step-6 checkpoint ended epoch 1
+    history = _history(tmp_path)
+    assert [h["step"] for h in history] == [6, 12, 18]
