@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,10 @@ TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--no-resource-check": ("scale.check_resources", {"action": "store_const", "const": False}),
     "--resize-interval": ("scale.resize_interval_s", {"type": float}),
     "--worker-resources": ("scale.worker_resources", {}),
+    "--mlflow-uri": ("tracking.uri", {}),
+    "--tracking": ("tracking.mode", {}),
+    "--experiment": ("tracking.experiment", {}),
+    "--register-model": ("tracking.register_model", {}),
     "--name": ("run.name", {}),
     "--storage": ("run.storage", {}),
     "--log-every": ("run.log_every", {"type": int}),
@@ -97,6 +102,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"run folder: {summary['run_uri']}")
     if summary.get("checkpoint"):
         print(f"latest checkpoint: {summary['checkpoint']}")
+    if summary.get("mlflow"):
+        print(f"MLflow: {summary['mlflow']} (python launch.py ui --storage {Path(summary['run_uri']).parent} to browse)")
     if summary.get("best_checkpoint"):
         print(f"best checkpoint: {summary['best_checkpoint']} (val top1 {summary.get('best_top1', 0):.2f}%)")
     return 0
@@ -135,6 +142,23 @@ def cmd_prepare_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from rn50_ray.tracking import embedded_store
+
+    uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith(("http://", "https://")):
+        print(f"the runs are on the MLflow server {uri}: open it in a browser")
+        return 0
+    uri, artifacts = (uri, None) if uri else embedded_store(args.storage)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    if artifacts:
+        cmd += ["--default-artifact-root", artifacts]
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    return subprocess.call(cmd)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from rn50_ray.bench import run_bench
 
@@ -166,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_prepare_sample)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the runs' tracking store and print its URL")
+    p.add_argument("--storage", default="./runs", help="run.storage of the runs (its embedded store is used)")
+    p.add_argument("--mlflow-uri", default="", help="a tracking URI instead of the embedded store")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("bench", help="throughput of the training step, of inference and of the input pipelines")
     p.add_argument("what", choices=("train", "infer", "data"))

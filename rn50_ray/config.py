@@ -146,6 +146,21 @@ class RunOptions:
 
 
 @dataclass
+class TrackingConfig:
+    uri: str = _opt("", "MLflow tracking URI; empty uses MLFLOW_TRACKING_URI, else a SQLite store under run.storage")
+    mode: str = _opt(
+        "required",
+        "required: fail fast if the tracker is unreachable; optional: train anyway; off",
+        choices=("required", "optional", "off"),
+    )
+    experiment: str = _opt("rn50-ray", "MLflow experiment name")
+    register_model: str = _opt("", "register the final model under this name in the model registry")
+    log_model: bool = _opt(True, "log the final model with mlflow.pytorch.log_model")
+    log_checkpoint: bool = _opt(True, "upload the best checkpoint as an artifact")
+    system_metrics: bool = _opt(True, "log CPU, memory (and GPU, with nvidia-ml-py) metrics")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -155,6 +170,7 @@ class Config:
     system: SystemConfig = field(default_factory=SystemConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     run: RunOptions = field(default_factory=RunOptions)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -188,7 +204,7 @@ class Config:
         return _parse_workers(self.scale.workers)[1]
 
 
-NOT_SHAPING = ("run.", "scale.", "data.loader_workers", "data.screen_images")
+NOT_SHAPING = ("run.", "scale.", "tracking.", "data.loader_workers", "data.screen_images")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

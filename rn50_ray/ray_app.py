@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import posixpath
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ import ray.train
 import ray.train.torch
 import yaml
 
+from rn50_ray import tracking
 from rn50_ray.config import Config, parse_resources
 from rn50_ray.core.loop import fit, use_channels_last
 from rn50_ray.core.recipe import plan_batches
@@ -31,6 +34,7 @@ from rn50_ray.data import Shard, make_loaders
 from rn50_ray.data.folder import check_dataset
 from rn50_ray.data.screen import bad_image_error, find_bad_images
 from rn50_ray.errors import ConfigError, DataError, UserError, find_user_error
+from rn50_ray.tracking.sink import MetricSink
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -63,12 +67,13 @@ def read_run_file(run_uri: str, name: str) -> str | None:
 class RayContext:
     """TrainContext over ray.train: rank, device, checkpoints and reports."""
 
-    def __init__(self, run_uri: str):
+    def __init__(self, run_uri: str, tracker=None):
         tctx = ray.train.get_context()
         self.world_rank, self.world_size = tctx.get_world_rank(), tctx.get_world_size()
         self.device = ray.train.torch.get_device()  # the index into CUDA_VISIBLE_DEVICES, not a physical id
         self.run_uri = run_uri
         self.latest = ""
+        self.tracker = tracker if self.world_rank == 0 else None  # a MetricSink actor, or None
 
     @contextlib.contextmanager
     def open_checkpoint(self) -> Iterator[str | None]:
@@ -115,6 +120,14 @@ class RayContext:
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{name}")
 
+    def track_start(self, step: int, tags: dict[str, Any]) -> None:
+        if self.tracker is not None:
+            self.tracker.started.remote(self.world_size, step, tags)  # fire and forget
+
+    def track(self, metrics: dict[str, float], step: int) -> None:
+        if self.tracker is not None:
+            self.tracker.log.remote(metrics, step)
+
     def write_text(self, name: str, text: str) -> None:
         write_run_file(self.run_uri, name, text)
 
@@ -134,7 +147,7 @@ def _quiet_report_log() -> None:
 def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
     _quiet_report_log()
     cfg = Config.from_dict(payload["config"], source="worker config")
-    ctx = RayContext(payload["run_uri"])
+    ctx = RayContext(payload["run_uri"], payload.get("tracker"))
     plan = plan_batches(cfg.batch.global_size, ctx.world_size, cfg.batch.per_worker)
     shard = Shard(ctx.world_rank, ctx.world_size, ctx.device)
     loaders = make_loaders(
@@ -246,7 +259,7 @@ def check_resources(cfg: Config) -> None:
         )
 
 
-def build_trainer(cfg: Config, bad_files: list[str] | None = None) -> ray.train.torch.TorchTrainer:
+def build_trainer(cfg: Config, bad_files: list[str] | None = None, tracker=None) -> ray.train.torch.TorchTrainer:
     gpus = cfg.scale.gpus_per_worker
     workers: int | tuple[int, int] = cfg.min_workers if cfg.min_workers == cfg.max_workers else (cfg.min_workers, cfg.max_workers)
     scaling = ray.train.ScalingConfig(
@@ -257,7 +270,7 @@ def build_trainer(cfg: Config, bad_files: list[str] | None = None) -> ray.train.
     )
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_uri": run_uri(cfg), "bad_files": bad_files or []},
+        train_loop_config={"config": cfg.to_dict(), "run_uri": run_uri(cfg), "bad_files": bad_files or [], "tracker": tracker},
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if gpus else "gloo"),
         scaling_config=scaling,
         run_config=ray.train.RunConfig(
@@ -297,8 +310,24 @@ def remove_run(cfg: Config) -> None:
         pass
 
 
+def start_sink(cfg: Config, tracked: tracking.TrackedRun):
+    """The run's MetricSink as an actor pinned to this (the driver's) node, where an embedded SQLite
+    store lives, and which outlives every worker group of the run."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(num_cpus=0)(MetricSink).options(scheduling_strategy=here)
+    return actor.remote(
+        tracked.uri,
+        tracked.run_id,
+        read_file=partial(read_run_file, run_uri(cfg)),
+        write_file=partial(write_run_file, run_uri(cfg)),
+        system_metrics=cfg.tracking.system_metrics,
+    )
+
+
 def run_training(cfg: Config) -> dict[str, Any]:
-    """Driver: check, connect, train, and return rank 0's summary."""
+    """Driver: check, connect, open the MLflow run, train, log the results; rank 0's summary."""
     cfg = resolve(cfg)
     bad_files = precheck_data(cfg)
     resuming = check_existing_run(cfg)
@@ -307,20 +336,41 @@ def run_training(cfg: Config) -> dict[str, Any]:
         check_resources(cfg)
     print(f"run {cfg.run.name!r} in {cfg.run.storage} ({'resuming' if resuming else 'new run'})", flush=True)
     print("resolved config:\n" + "\n".join("  " + ln for ln in cfg.to_yaml().splitlines()), flush=True)
+    uri = run_uri(cfg)
+    tracked = tracking.open_run(cfg, uri, partial(read_run_file, uri), partial(write_run_file, uri))
     created = not resuming
-    write_run_file(run_uri(cfg), "config.yaml", cfg.to_yaml())
+    write_run_file(uri, "config.yaml", cfg.to_yaml())
+    sink = start_sink(cfg, tracked) if tracked else None
+    status = "FAILED"
     try:
-        result = build_trainer(cfg, bad_files).fit()
+        result = build_trainer(cfg, bad_files, sink).fit()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     except Exception as e:
         message = find_user_error(e)
+        if sink is not None:
+            sink.set_tags.remote({"error": (message or f"{type(e).__name__}: {e}")[:4000]})
         if message and created and not has_checkpoint(cfg):
             remove_run(cfg)  # bad input found by a worker: leave no half-made run behind
+            if tracked:
+                tracking.delete_run(tracked)
+                tracked = sink = None
         if message:
             raise UserError(message) from None
         raise
+    finally:
+        if sink is not None:
+            ray.get(sink.close.remote(status))
     summary = dict(result.return_value or {})
-    summary["run_uri"] = run_uri(cfg)
+    summary["run_uri"] = uri
     latest = result.checkpoint if hasattr(result, "checkpoint") else None
     summary["checkpoint"] = latest.path if latest else None
-    summary["best_checkpoint"] = best_checkpoint(run_uri(cfg))
+    summary["best_checkpoint"] = best_checkpoint(uri)
+    if tracked:
+        history = [json.loads(line) for line in (read_run_file(uri, "metrics.jsonl") or "").splitlines()]
+        files = {"config.yaml": cfg.to_yaml(), "metrics.jsonl": read_run_file(uri, "metrics.jsonl") or ""}
+        tracking.log_results(tracked, cfg, files, history, summary["best_checkpoint"] or summary["checkpoint"])
+        summary["mlflow"] = f"run {tracked.run_id} at {tracked.uri}"
     return summary

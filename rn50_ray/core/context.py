@@ -40,6 +40,12 @@ class TrainContext(Protocol):
         """None, or {"nodes": [...], "seconds_left": float | None} while a node of this run drains.
         Every rank calls it at the same steps."""
 
+    def track_start(self, step: int, tags: dict[str, Any]) -> None:
+        """A worker group (re)started at `step` (rank 0 records it; others ignore it)."""
+
+    def track(self, metrics: dict[str, float], step: int) -> None:
+        """Send metrics to the experiment tracker without waiting (rank 0 records; others ignore)."""
+
     def write_text(self, name: str, text: str) -> None:
         """Write a small file into the run folder (rank 0 only)."""
 
@@ -66,6 +72,7 @@ class LocalContext:
         self.world_rank, self.world_size, self.device = 0, 1, torch.device(device)
         self.keep, self.quiet = keep, quiet
         self.reports: list[dict[str, Any]] = []
+        self.tracked: list[tuple[int, dict[str, Any]]] = []  # (step, metrics or start tags), for tests
 
     def checkpoints(self) -> list[Path]:
         return sorted(p for p in self.run_dir.glob("checkpoint_*") if (p / "state.pt").is_file())
@@ -95,6 +102,12 @@ class LocalContext:
 
     def preemption(self) -> dict[str, Any] | None:
         return None  # one process on one machine: nothing tells it of a drain
+
+    def track_start(self, step: int, tags: dict[str, Any]) -> None:
+        self.tracked.append((step, {"start": tags}))
+
+    def track(self, metrics: dict[str, float], step: int) -> None:
+        self.tracked.append((step, dict(metrics)))
 
     def write_text(self, name: str, text: str) -> None:
         tmp = self.run_dir / f".{name}.tmp"

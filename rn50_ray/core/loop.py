@@ -151,6 +151,17 @@ def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, An
         f"{recipe.peak_lr(cfg.optim.lr_per_256, plan.global_size):.4g}; precision {trainer.precision.name}; "
         f"{'channels_last' if trainer.channels_last else 'contiguous'}"
     )
+    ctx.track_start(
+        progress.step,
+        {
+            "device": f"{ctx.world_size} x {device.type}",
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "data_backend": loaders.backend,
+            "precision": trainer.precision.name,
+            "memory_format": "channels_last" if trainer.channels_last else "contiguous",
+            "accumulation": plan.accum,
+        },
+    )
     epochs_this_run = 0
     preempt_saved, checkpoint_now, last_report_s = False, False, 0.0
     val: dict[str, float] = {}
@@ -194,10 +205,23 @@ def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, An
                 eta = (total_steps - progress.step) * elapsed / interval_steps
                 lr = trainer.optimizer.param_groups[0]["lr"]
                 scale = f" scale {trainer.scaler.get_scale():.0f}" if trainer.scaler.is_enabled() else ""
+                mean_interval_loss = total_loss / (interval_steps * ctx.world_size)
                 ctx.log(
                     f"epoch {epoch + 1}/{cfg.schedule.epochs} step {progress.step_in_epoch}/{steps_per_epoch} "
-                    f"loss {total_loss / (interval_steps * ctx.world_size):.4f} lr {lr:.5f}{scale} "
+                    f"loss {mean_interval_loss:.4f} lr {lr:.5f}{scale} "
                     f"img/s {ips:.1f} (compute {compute_ips:.1f}) eta {_fmt_time(eta)}"
+                )
+                ctx.track(
+                    {
+                        "train/loss_step": mean_interval_loss,
+                        "train/lr": lr,
+                        "train/img_per_s": ips,
+                        "train/compute_img_per_s": compute_ips,
+                        "train/data_time_s": data_wait / interval_steps,
+                        "world_size": ctx.world_size,
+                        **({"train/grad_scale": trainer.scaler.get_scale()} if scale else {}),
+                    },
+                    progress.step,
                 )
                 loss_sum.zero_()
                 interval_steps, data_wait, t_mark = 0, 0.0, time.perf_counter()
@@ -247,6 +271,7 @@ def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, An
             f"val top1 {val['top1']:.2f}% top5 {val['top5']:.2f}% loss {val['loss']:.4f} | "
             f"{record['train/img_per_s']:.1f} img/s"
         )
+        ctx.track({k: v for k, v in record.items() if k not in ("step", "world_size")}, progress.step)
         if ctx.world_rank == 0:
             ctx.write_text("metrics.jsonl", jsonl(progress.history))
         t_report = time.perf_counter()

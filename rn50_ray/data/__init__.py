@@ -35,6 +35,7 @@ class Loaders:
     val_size: int
     notes: list[str] = field(default_factory=list)  # lines for the log
     excluded: int = 0  # undecodable files left out before training (--skip-bad-images)
+    backend: str = ""  # the resolved backend
 
 
 class DeviceNormalizer:
@@ -107,9 +108,11 @@ def make_loaders(
     if backend == "synthetic":
         from rn50_ray.data.synthetic import make_synthetic_loaders
 
-        return make_synthetic_loaders(
+        loaders = make_synthetic_loaders(
             data_cfg, shard, per_rank, global_batch=global_batch, seed=seed, channels_last=channels_last
         )
+        loaders.backend = backend
+        return loaders
     train_split, val_split = check_dataset(data_cfg.path)
     if bad_files:
         train_split, val_split = train_split.without(bad_files), val_split.without(bad_files)
@@ -152,7 +155,7 @@ def make_loaders(
             train_split, per_rank=per_rank, steps=steps, area_min=data_cfg.crop_area_min, fp16=fp16_input, seed=seed, **common
         )
         val = dali.DaliVal(val_split, batch=per_rank, crop_ratio=data_cfg.val_crop_ratio, fp16=fp16_input, **common)
-        return Loaders(train, val, *sizes, notes, excluded)
+        return Loaders(train, val, *sizes, notes, excluded, backend)
     from rn50_ray.data import pytorch as tp
 
     pin = shard.device.type == "cuda"
@@ -178,4 +181,4 @@ def make_loaders(
         pin,
         data_cfg.skip_bad_images,
     )
-    return Loaders(TorchTrain(train, tsampler, normalize, steps), TorchVal(val, normalize), *sizes, notes, excluded)
+    return Loaders(TorchTrain(train, tsampler, normalize, steps), TorchVal(val, normalize), *sizes, notes, excluded, backend)

@@ -1,0 +1,181 @@
+"""MLflow tracking: one MLflow run per training run, written from one place, exactly once.
+
+Design. The driver opens the MLflow run (or reopens it: its id is kept in the run folder as
+`mlflow.json`), logs the resolved config as params and the provenance tags, and starts a `MetricSink`
+as a Ray actor on its own node. Rank 0 of the current worker group sends metric records and start
+events to that actor without waiting. Worker restarts, elastic resizes and driver restarts therefore
+all continue the same MLflow run; the sink drops steps it has already logged (a restart retrains the
+steps since the last checkpoint), so no step is logged twice. A worker failure is recorded on the run
+(`rn50.starts` counts worker-group starts) and never ends it; only the driver ends it, FINISHED, FAILED
+or KILLED, after logging the artifacts and the model. Ray's own MLflowLoggerCallback is Tune-only and
+Train V2 ships no MLflow callback, hence this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rn50_ray.config import Config, flatten
+from rn50_ray.errors import UserError
+from rn50_ray.tracking.sink import quick_failing_http
+
+RUN_FILE = "mlflow.json"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def embedded_store(storage: str) -> tuple[str, str]:
+    """The laptop default: a SQLite store and an artifact folder beside the runs."""
+    if "://" in storage:
+        storage = os.path.abspath("runs")  # the store cannot live on an object store: keep it local
+    root = Path(storage).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}", (root / "mlartifacts").as_uri()
+
+
+def resolve_uri(cfg: Config) -> tuple[str, str | None]:
+    """(tracking URI, artifact root for a new experiment or None for the server's default)."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        return uri, None
+    return embedded_store(cfg.run.storage)
+
+
+def unreachable(uri: str) -> str | None:
+    """Why the tracking store cannot be used now, or None."""
+    quick_failing_http()
+    try:
+        if uri.startswith(("http://", "https://")):
+            import requests
+
+            r = requests.get(uri.rstrip("/") + "/health", timeout=5)
+            return None if r.ok else f"HTTP {r.status_code} from {uri}/health"
+        from mlflow import MlflowClient
+
+        MlflowClient(uri).search_experiments(max_results=1)
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def provenance_tags(cfg: Config, run_uri: str) -> dict[str, str]:
+    import mlflow
+    import ray
+    import torch
+    import torchvision
+
+    try:
+        from nvidia import dali
+
+        dali_version = dali.__version__
+    except ImportError:
+        dali_version = "not installed"
+    return {
+        "git_commit": _git_commit(),
+        "ray_version": ray.__version__,
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "dali_version": dali_version,
+        "mlflow_version": mlflow.__version__,
+        "driver_host": socket.gethostname(),
+        "rn50.run_uri": run_uri,
+        "rn50.workers": cfg.scale.workers,
+        "rn50.gpus_per_worker": str(cfg.scale.gpus_per_worker),
+        "data_path": cfg.data.path,
+    }
+
+
+@dataclass
+class TrackedRun:
+    uri: str
+    run_id: str
+    experiment_id: str
+    resumed: bool
+
+    def to_json(self) -> str:
+        return json.dumps({"uri": self.uri, "run_id": self.run_id, "experiment_id": self.experiment_id})
+
+
+def open_run(cfg: Config, run_uri: str, read_file, write_file) -> TrackedRun | None:
+    """Create the MLflow run of this training run, or reopen the one it already has."""
+    if cfg.tracking.mode == "off":
+        return None
+    uri, artifact_root = resolve_uri(cfg)
+    problem = unreachable(uri)
+    if problem:
+        message = f"tracking.uri: MLflow at {uri} is unreachable ({problem})"
+        if cfg.tracking.mode == "required":
+            raise UserError(f"{message}; start it, fix --mlflow-uri, or pass --tracking optional to train without it")
+        print(f"tracking: warning: {message}; training without MLflow (--tracking optional)", flush=True)
+        return None
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    client = MlflowClient(uri)
+    known = json.loads(read_file(RUN_FILE) or "{}")
+    if known.get("uri") == uri and known.get("run_id"):
+        try:
+            client.update_run(known["run_id"], status="RUNNING")
+            print(f"tracking: continuing MLflow run {known['run_id']} at {uri}", flush=True)
+            return TrackedRun(uri, known["run_id"], known["experiment_id"], True)
+        except Exception as e:  # deleted, or another store: start a new one, and say so
+            print(f"tracking: MLflow run {known['run_id']} not found ({type(e).__name__}); starting a new one", flush=True)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_root)
+    )
+    run = client.create_run(exp_id, run_name=cfg.run.name, tags=provenance_tags(cfg, run_uri))
+    params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg.to_dict()).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[i : i + 100])
+    tracked = TrackedRun(uri, run.info.run_id, exp_id, False)
+    write_file(RUN_FILE, tracked.to_json())
+    print(f"tracking: MLflow run {run.info.run_id} in experiment {cfg.tracking.experiment!r} at {uri}", flush=True)
+    return tracked
+
+
+def log_results(tracked: TrackedRun, cfg: Config, files: dict[str, str], history: list[dict[str, Any]], best: str | None) -> None:
+    """The end of a run: config and log files, plots, the best checkpoint and the model."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    from rn50_ray.tracking import artifacts
+
+    client = MlflowClient(tracked.uri)
+    with tempfile.TemporaryDirectory(prefix="rn50-mlflow-") as tmp:
+        for name, text in files.items():
+            (Path(tmp) / name).write_text(text)
+            client.log_artifact(tracked.run_id, str(Path(tmp) / name))
+        for path in artifacts.plots(cfg, history, Path(tmp) / "plots"):
+            client.log_artifact(tracked.run_id, str(path), "plots")
+    if best and Path(best).is_dir():
+        if cfg.tracking.log_checkpoint:
+            client.log_artifacts(tracked.run_id, best, "checkpoints/best")
+        if cfg.tracking.log_model:
+            artifacts.log_model(tracked, cfg, best)
+
+
+def delete_run(tracked: TrackedRun) -> None:
+    """Bad input stopped the run before its first checkpoint: leave no MLflow run behind either."""
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient(tracked.uri).delete_run(tracked.run_id)
+    except Exception as e:
+        print(f"tracking: could not delete MLflow run {tracked.run_id} ({type(e).__name__})", flush=True)

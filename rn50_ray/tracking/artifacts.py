@@ -1,0 +1,96 @@
+"""What a finished run leaves in MLflow besides metrics: plots and the model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rn50_ray.config import Config
+
+
+def lr_curve(cfg: Config, steps_per_epoch: int) -> list[float]:
+    """The LR at every optimizer step, from the very scheduler training uses."""
+    from rn50_ray.core import recipe
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=recipe.peak_lr(cfg.optim.lr_per_256, cfg.batch.global_size))
+    sched = recipe.build_scheduler(opt, cfg.schedule, steps_per_epoch)
+    lrs = []
+    for _ in range(cfg.schedule.epochs * steps_per_epoch):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def plots(cfg: Config, history: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Loss and accuracy per epoch, and the LR schedule, as PNGs."""
+    if not history:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["train/loss"] for h in history], label="train")
+    ax1.plot(epochs, [h["val/loss"] for h in history], label="val")
+    ax1.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax1.legend()
+    ax2.plot(epochs, [h["val/top1"] for h in history], label="top-1")
+    ax2.plot(epochs, [h["val/top5"] for h in history], label="top-5")
+    ax2.set(xlabel="epoch", ylabel="val accuracy (%)", title="Accuracy")
+    ax2.legend()
+    fig.tight_layout()
+    curves = out / "loss_accuracy.png"
+    fig.savefig(curves, dpi=100)
+    plt.close(fig)
+
+    steps_per_epoch = max(history[0]["step"] // history[0]["epoch"], 1)
+    lrs = lr_curve(cfg, steps_per_epoch)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([i / steps_per_epoch for i in range(len(lrs))], lrs)
+    ax.set(
+        xlabel="epoch", ylabel="learning rate", title=f"LR schedule ({cfg.schedule.kind}, {cfg.schedule.warmup_epochs:g} warmup)"
+    )
+    fig.tight_layout()
+    schedule = out / "lr_schedule.png"
+    fig.savefig(schedule, dpi=100)
+    plt.close(fig)
+    return [curves, schedule]
+
+
+def log_model(tracked, cfg: Config, checkpoint: str) -> None:
+    """The checkpoint's weights as an MLflow PyTorch model, with an input example (MLflow infers the
+    signature from it), registered when tracking.register_model is set. Pickled, because MLflow's
+    default torch.export format fixes the batch size to the example's."""
+    import mlflow
+    import mlflow.pytorch
+
+    from rn50_ray.core.model import build_model, model_kwargs
+    from rn50_ray.core.state import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    model = build_model(**model_kwargs(cfg.model, state["num_classes"], channels_last=False))
+    model.load_state_dict(state["model"])
+    model.eval()
+    size = cfg.data.image_size
+    example = torch.zeros(1, 3, size, size).numpy()
+    before = mlflow.get_tracking_uri() if os.environ.get("MLFLOW_TRACKING_URI") else None
+    mlflow.set_tracking_uri(tracked.uri)  # the fluent API has no client argument; it also sets the env var
+    try:
+        with mlflow.start_run(run_id=tracked.run_id):
+            mlflow.pytorch.log_model(
+                model,
+                name="model",
+                input_example=example,
+                serialization_format="pickle",
+                registered_model_name=cfg.tracking.register_model or None,
+            )
+    finally:
+        mlflow.set_tracking_uri(before)

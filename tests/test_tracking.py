@@ -1,0 +1,227 @@
+"""MLflow tracking against a real `mlflow server` on 127.0.0.1 (SQLite backend, temporary artifact root),
+read back through MlflowClient, with real training runs through Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import FAST, ROOT, launch, launch_cmd
+
+pytestmark = pytest.mark.ray
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [
+            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination", str(self.root / "artifacts"),
+        ]  # fmt: skip
+        log = open(self.root / "server.log", "a")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if requests.get(self.uri + "/health", timeout=2).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.5)
+        raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    s.start()
+    yield s
+    s.stop()
+
+
+def client(server):
+    from mlflow import MlflowClient
+
+    return MlflowClient(server.uri)
+
+
+def the_run(server, experiment: str):
+    c = client(server)
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]  # one MLflow run per training run
+    return runs[0]
+
+
+def steps(server, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client(server).get_metric_history(run_id, key))
+
+
+def test_a_training_run_logs_params_tags_metrics_artifacts_and_a_loadable_model(tiny_data, tmp_path, server):
+    out = launch(
+        "train", *FAST, "--data", tiny_data, "--storage", tmp_path, "--name", "tracked", "--epochs", "2",
+        "--warmup-epochs", "0.5", "--mlflow-uri", server.uri, "--experiment", "logs-all", "--register-model", "rn50-tiny",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = the_run(server, "logs-all")
+    assert f"MLflow: run {run.info.run_id} at {server.uri}" in out.stdout
+    assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
+    params = run.data.params
+    assert params["optim.lr_per_256"] == "0.15" and params["batch.global_size"] == "32" and params["scale.workers"] == "2"
+    tags = run.data.tags
+    assert len(tags["git_commit"]) == 40 and tags["torch_version"].startswith("2.") and tags["ray_version"] == "2.60.0"
+    assert tags["data_backend"] == "dali-cpu" and tags["precision"] == "fp32" and tags["world_size"] == "2"
+    assert tags["device"] == "2 x cpu" and tags["rn50.starts"] == "1"
+    # Per epoch: 2 points at the epochs' last steps; per log interval (every 5 steps and each epoch end).
+    assert steps(server, run.info.run_id, "val/top1") == [6, 12]
+    assert steps(server, run.info.run_id, "val/top5") == [6, 12]
+    assert steps(server, run.info.run_id, "train/loss_step") == [5, 6, 11, 12]
+    assert steps(server, run.info.run_id, "train/lr") == [5, 6, 11, 12]
+    assert run.data.metrics["world_size"] == 2 and "train/img_per_s" in run.data.metrics
+    assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)  # CPU and memory
+    names = {a.path for a in client(server).list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "metrics.jsonl", "plots", "checkpoints"} <= names
+    plots = {a.path for a in client(server).list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/loss_accuracy.png", "plots/lr_schedule.png"}
+    best = {a.path for a in client(server).list_artifacts(run.info.run_id, "checkpoints/best")}
+    assert "checkpoints/best/state.pt" in best
+
+    import mlflow
+    import torch
+
+    mlflow.set_tracking_uri(server.uri)
+    try:
+        (model_info,) = mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list"
+        )
+        model = mlflow.pytorch.load_model(model_info.model_uri)
+    finally:
+        mlflow.set_tracking_uri(None)  # it also sets MLFLOW_TRACKING_URI, which later launches would inherit
+    with torch.no_grad():
+        logits = model(torch.randn(4, 3, 32, 32))
+    assert logits.shape == (4, 10)
+    versions = client(server).search_model_versions("name = 'rn50-tiny'")
+    assert len(versions) == 1 and versions[0].run_id == run.info.run_id
+
+
+def test_a_killed_and_resumed_run_continues_the_same_mlflow_run(tiny_data, tmp_path, server):
+    args = ("train", *FAST, "--data", tiny_data, "--storage", tmp_path, "--name", "resumed", "--epochs", "3")
+    args += ("--warmup-epochs", "0.5", "--log-every", "1", "--checkpoint-every-steps", "4")
+    args += ("--mlflow-uri", server.uri, "--experiment", "resumed")
+    proc = subprocess.Popen(
+        launch_cmd(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    for line in proc.stdout:
+        if "epoch 2/3 step 4/6" in line:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = json.loads((tmp_path / "resumed" / "mlflow.json").read_text())["run_id"]
+    out = launch(*args)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"continuing MLflow run {first}" in out.stdout
+    run = the_run(server, "resumed")
+    assert run.info.run_id == first and run.info.status == "FINISHED"
+    assert steps(server, first, "train/loss_step") == list(range(1, 19))  # each step once, none twice
+    assert steps(server, first, "val/top1") == [6, 12, 18]
+    assert run.data.tags["rn50.starts"] == "1"  # counted per driver start; this driver started one group
+
+
+def test_a_tracker_outage_mid_run_loses_no_metrics(tiny_data, tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-outage"))
+    server.start()
+    args = ("train", *FAST, "--data", tiny_data, "--storage", tmp_path_factory.mktemp("runs"), "--name", "outage")
+    args += ("--epochs", "3", "--warmup-epochs", "0.5", "--log-every", "1", "--mlflow-uri", server.uri, "--experiment", "outage")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(launch_cmd(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "epoch 1/3 step 3/6" in line:
+                server.stop()  # the tracking server goes away mid-run
+            if "epoch 2/3 step 5/6" in line:
+                server.start()  # and comes back on the same port and store
+        assert proc.wait() == 0, "".join(lines)[-4000:]
+        out = "".join(lines)
+        assert "tracking: MLflow unreachable" in out and "sending the buffered metrics" in out
+        run = the_run(server, "outage")
+        assert steps(server, run.info.run_id, "train/loss_step") == list(range(1, 19))
+        assert steps(server, run.info.run_id, "val/top1") == [6, 12, 18]
+    finally:
+        proc.kill()
+        server.stop()
+
+
+def test_an_unreachable_tracker_fails_fast_unless_optional(tiny_data, tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    out = launch("train", *FAST, "--data", tiny_data, "--storage", tmp_path, "--epochs", "2", "--mlflow-uri", uri)
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert f"tracking.uri: MLflow at {uri} is unreachable" in last and "--tracking optional" in last
+    assert not any(p.name.startswith("rn50-") for p in tmp_path.iterdir())  # no run was made
+
+
+def test_ui_serves_the_embedded_store(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        launch_cmd("ui", "--storage", tmp_path, "--port", str(port)),
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        first = proc.stdout.readline()
+        assert (
+            first.strip()
+            == f"MLflow UI for sqlite:///{tmp_path.resolve()}/mlflow.db at http://127.0.0.1:{port} (Ctrl-C stops it)"
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow ui did not answer")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_the_ui_in_a_real_browser_lists_the_run(server, tiny_data, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser:
+        pytest.skip("needs chromium (apt-get install chromium; .ci/run installs it)")
+    c = client(server)
+    exp = c.get_experiment_by_name("logs-all")
+    if exp is None:
+        pytest.skip("needs the run of test_a_training_run_logs_params_tags_metrics_artifacts_and_a_loadable_model")
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000", "--dump-dom",
+         f"{server.uri}/#/experiments/{exp.experiment_id}/runs"],
+        capture_output=True, text=True, timeout=180,
+    ).stdout  # fmt: skip
+    assert "tracked" in dom, dom[-2000:]  # the run name, rendered by the MLflow UI's JavaScript
