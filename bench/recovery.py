@@ -27,8 +27,9 @@ STEP = re.compile(r"epoch (\d+)/\d+ step (\d+)/(\d+) ")
 RESUMED = re.compile(r"resumed from .*: epoch \d+, step (\d+) ")
 
 
-def kill_one_worker() -> None:
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+def kill_one_worker(driver_pid: int) -> None:
+    """SIGKILL one Ray Train worker of this driver (its local Ray's processes are its children)."""
+    workers = [p for p in psutil.Process(driver_pid).children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
     if not workers:
         raise SystemExit("no RayTrainWorker process found to kill")
     workers[-1].send_signal(signal.SIGKILL)
@@ -50,7 +51,7 @@ def run(opts, storage: str, kill_at: int | None) -> dict:
             step = (int(m[1]) - 1) * int(m[3]) + int(m[2])
             first_step_s = first_step_s or now
             if kill_at and out["kill_s"] is None and step >= kill_at:
-                kill_one_worker()
+                kill_one_worker(proc.pid)
                 out.update(kill_s=now, killed_at=step)
             elif out["resumed_at"] is not None and out["first_step_after_s"] is None:
                 out["first_step_after_s"] = now

@@ -142,6 +142,41 @@ def cmd_prepare_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from rn50_ray.ray_app import read_run_file
+    from rn50_ray.tune.runner import run_search
+    from rn50_ray.tune.spaces import load_space
+
+    cfg = config_from_args(args)
+    if args.resume:
+        name = args.resume
+        base = Path(cfg.run.storage) / name
+        if read_run_file(str(base.resolve()), "space.yaml") is None:
+            raise UserError(f"tune --resume: no search {name!r} in {cfg.run.storage}")
+        space = load_space(base / "space.yaml")
+    else:
+        if not args.space:
+            raise UserError("tune: --space FILE is required (see tune_spaces/), or --resume NAME")
+        space = load_space(args.space)
+        name = cfg.run.name or f"search-{Path(args.space).stem}"
+    summary = run_search(space, cfg, name=name, storage=cfg.run.storage, resume=bool(args.resume))
+    rows = summary["rows"]
+    if rows:
+        cols = list(rows[0])
+        print(" | ".join(f"{c:>16}" for c in cols))
+        for r in rows:
+            print(" | ".join(f"{r[c]:>16.4g}" if isinstance(r[c], float) else f"{r[c]!s:>16}" for c in cols))
+    print(f"search folder: {summary['search_dir']} (results.csv)")
+    if summary.get("best"):
+        print(f"best trial: {summary['best']['trial']} {space.metric} {summary['best'][space.metric]:.4g}")
+        print(f"best config: {summary['best_config']} (python launch.py train --config {summary['best_config']} --data ...)")
+        if summary.get("best_checkpoint"):
+            print(f"best checkpoint: {summary['best_checkpoint']}")
+    if summary["errors"]:
+        print(f"{summary['errors']} trial(s) failed; see the table")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -190,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_prepare_sample)
+
+    p = sub.add_parser("tune", help="a Ray Tune search over config keys; each trial is a Ray Train run")
+    p.add_argument("--space", help="a search space file (tune_spaces/*.yaml)")
+    p.add_argument("--resume", metavar="NAME", help="continue the interrupted search NAME in --storage")
+    add_config_args(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the runs' tracking store and print its URL")
     p.add_argument("--storage", default="./runs", help="run.storage of the runs (its embedded store is used)")

@@ -158,6 +158,7 @@ class TrackingConfig:
     log_model: bool = _opt(True, "log the final model with mlflow.pytorch.log_model")
     log_checkpoint: bool = _opt(True, "upload the best checkpoint as an artifact")
     system_metrics: bool = _opt(True, "log CPU, memory (and GPU, with nvidia-ml-py) metrics")
+    parent_run_id: str = _opt("", "nest this run under an MLflow parent run (set by `tune` for its trials)")
 
 
 @dataclass

@@ -29,8 +29,8 @@ def evaluate_checkpoint(
     data_cfg = cfg.data
     data_cfg.path = data or data_cfg.path
     data_cfg.loader_workers = workers
-    if data_cfg.backend not in ("pytorch", "synthetic"):
-        data_cfg.backend = "pytorch"  # one process and no GPU needed: the reference pipeline
+    if data_cfg.backend.startswith("dali"):
+        data_cfg.backend = "auto"  # the val pipeline training used, on this device (dali-cpu without a GPU)
     channels_last = use_channels_last(cfg.model.memory_format, dev)
     loaders = make_loaders(
         data_cfg, Shard(0, 1, dev), batch_size, global_batch=batch_size, seed=cfg.system.seed, channels_last=channels_last

@@ -259,7 +259,9 @@ def check_resources(cfg: Config) -> None:
         )
 
 
-def build_trainer(cfg: Config, bad_files: list[str] | None = None, tracker=None) -> ray.train.torch.TorchTrainer:
+def build_trainer(
+    cfg: Config, bad_files: list[str] | None = None, tracker=None, callbacks: list | None = None
+) -> ray.train.torch.TorchTrainer:
     gpus = cfg.scale.gpus_per_worker
     workers: int | tuple[int, int] = cfg.min_workers if cfg.min_workers == cfg.max_workers else (cfg.min_workers, cfg.max_workers)
     scaling = ray.train.ScalingConfig(
@@ -279,6 +281,7 @@ def build_trainer(cfg: Config, bad_files: list[str] | None = None, tracker=None)
             failure_config=ray.train.FailureConfig(max_failures=cfg.scale.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks or [],
         ),
     )
 
@@ -326,10 +329,11 @@ def start_sink(cfg: Config, tracked: tracking.TrackedRun):
     )
 
 
-def run_training(cfg: Config) -> dict[str, Any]:
-    """Driver: check, connect, open the MLflow run, train, log the results; rank 0's summary."""
+def run_training(cfg: Config, *, callbacks: list | None = None, bad_files: list[str] | None = None) -> dict[str, Any]:
+    """Driver: check, connect, open the MLflow run, train, log the results; rank 0's summary.
+    A Tune trial passes its report callback, and the bad files its search found once."""
     cfg = resolve(cfg)
-    bad_files = precheck_data(cfg)
+    bad_files = precheck_data(cfg) if bad_files is None else bad_files
     resuming = check_existing_run(cfg)
     connect(cfg)
     if cfg.scale.check_resources:
@@ -343,7 +347,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
     sink = start_sink(cfg, tracked) if tracked else None
     status = "FAILED"
     try:
-        result = build_trainer(cfg, bad_files, sink).fit()
+        result = build_trainer(cfg, bad_files, sink, callbacks).fit()
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

@@ -51,15 +51,17 @@ def train_args(data: Path, storage: Path, cluster, *extra: str) -> list[str]:
     )  # fmt: skip
 
 
-def watch(cmd: list[str], actions: list[tuple[str, Callable[[str], None]]], timeout: float = 600) -> tuple[int, str]:
-    """Run the driver; when a line holds the next marker, run its action on the line. Returns (status, output)."""
+def watch(
+    cmd: list[str], actions: list[tuple[str, Callable[[str, subprocess.Popen], None]]], timeout: float = 600
+) -> tuple[int, str]:
+    """Run the driver; when a line holds the next marker, run its action (line, driver process). Returns (status, output)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines, deadline = [], time.time() + timeout
     for line in proc.stdout:
         lines.append(line)
         while actions and actions[0][0] in line:
-            actions.pop(0)[1](line)
+            actions.pop(0)[1](line, proc)
         if time.time() > deadline:
             proc.kill()
             break
@@ -76,7 +78,7 @@ def test_node_drained_then_lost_shrinks_and_finishes(tiny_data, tmp_path, cluste
     add_worker_node(cluster)
     doomed = add_worker_node(cluster)
 
-    def drain(_):  # the notice a cloud gives before it reclaims a spot node
+    def drain(*_):  # the notice a cloud gives before it reclaims a spot node
         import ray
         from ray.core.generated import autoscaler_pb2
 
@@ -85,7 +87,7 @@ def test_node_drained_then_lost_shrinks_and_finishes(tiny_data, tmp_path, cluste
         accepted, _ = gcs.drain_node(doomed.node_id, reason, "spot reclaim", int(time.time() * 1000) + 120_000)
         assert accepted
 
-    def lose_node_once_saved(line):  # the node goes at its deadline, after the checkpoint is stored
+    def lose_node_once_saved(line, _):  # the node goes at its deadline, after the checkpoint is stored
         step = int(line.split("checkpointing at step ")[1].split()[0])
         snapshot = tmp_path / "elastic" / "checkpoint_manager_snapshot.json"
         deadline = time.time() + 60
@@ -120,7 +122,7 @@ def test_node_gain_grows_the_run_to_max(tiny_data, tmp_path, cluster):
         tiny_data, tmp_path, cluster, "--workers", "1:2", "--epochs", "4", "--warmup-epochs", "0.5",
         "--resize-interval", "1", "--checkpoint-every-steps", "2",
     )  # fmt: skip
-    status, out = watch(args, [("epoch 1/4 step 2/6", lambda _: add_worker_node(cluster))])
+    status, out = watch(args, [("epoch 1/4 step 2/6", lambda *_: add_worker_node(cluster))])
     assert status == 0, out[-4000:]
     history = _history(tmp_path)
     assert history[0]["world_size"] == 1 and history[-1]["world_size"] == 2
@@ -129,16 +131,16 @@ def test_node_gain_grows_the_run_to_max(tiny_data, tmp_path, cluster):
 
 
 def test_worker_crash_restarts_from_the_last_checkpoint(tiny_data, tmp_path):
-    def kill_a_worker():
-        workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
-        assert workers
+    def kill_a_worker(_, driver):  # one of this driver's Ray Train workers (its local Ray's processes are its children)
+        workers = [p for p in psutil.Process(driver.pid).children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+        assert len(workers) == 2, workers
         workers[-1].send_signal(signal.SIGKILL)
 
     args = launch_cmd(
         "train", *FAST, "--data", tiny_data, "--storage", tmp_path, "--name", "elastic", "--epochs", "3",
         "--warmup-epochs", "0.5", "--log-every", "1", "--checkpoint-every-steps", "3", "--max-failures", "2",
     )  # fmt: skip
-    status, out = watch(args, [("epoch 2/3 step 2/6", lambda _: kill_a_worker())])
+    status, out = watch(args, [("epoch 2/3 step 2/6", kill_a_worker)])
     assert status == 0, out[-4000:]
     assert "resumed from" in out and "epoch 1, step 6" in out  # the step-6 checkpoint ended epoch 1
     history = _history(tmp_path)

@@ -3,64 +3,17 @@ read back through MlflowClient, with real training runs through Ray."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
-from conftest import FAST, ROOT, launch, launch_cmd
+from conftest import FAST, ROOT, MlflowServer, free_port, launch, launch_cmd
 
 pytestmark = pytest.mark.ray
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    def __init__(self, root: Path):
-        self.root, self.port = root, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        cmd = [
-            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-            "--artifacts-destination", str(self.root / "artifacts"),
-        ]  # fmt: skip
-        log = open(self.root / "server.log", "a")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if requests.get(self.uri + "/health", timeout=2).ok:
-                    return
-            except requests.RequestException:
-                time.sleep(0.5)
-        raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    s.start()
-    yield s
-    s.stop()
 
 
 def client(server):
@@ -126,29 +79,6 @@ def test_a_training_run_logs_params_tags_metrics_artifacts_and_a_loadable_model(
     assert logits.shape == (4, 10)
     versions = client(server).search_model_versions("name = 'rn50-tiny'")
     assert len(versions) == 1 and versions[0].run_id == run.info.run_id
-
-
-def test_a_killed_and_resumed_run_continues_the_same_mlflow_run(tiny_data, tmp_path, server):
-    args = ("train", *FAST, "--data", tiny_data, "--storage", tmp_path, "--name", "resumed", "--epochs", "3")
-    args += ("--warmup-epochs", "0.5", "--log-every", "1", "--checkpoint-every-steps", "4")
-    args += ("--mlflow-uri", server.uri, "--experiment", "resumed")
-    proc = subprocess.Popen(
-        launch_cmd(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    for line in proc.stdout:
-        if "epoch 2/3 step 4/6" in line:
-            break
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    first = json.loads((tmp_path / "resumed" / "mlflow.json").read_text())["run_id"]
-    out = launch(*args)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert f"continuing MLflow run {first}" in out.stdout
-    run = the_run(server, "resumed")
-    assert run.info.run_id == first and run.info.status == "FINISHED"
-    assert steps(server, first, "train/loss_step") == list(range(1, 19))  # each step once, none twice
-    assert steps(server, first, "val/top1") == [6, 12, 18]
-    assert run.data.tags["rn50.starts"] == "1"  # counted per driver start; this driver started one group
 
 
 def test_a_tracker_outage_mid_run_loses_no_metrics(tiny_data, tmp_path_factory):

@@ -21,7 +21,7 @@ def _history(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def learned(sample_data, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
-    out = launch("train", *FAST, "--backend", "pytorch", "--data", sample_data, "--storage", storage, "--name", "learn")
+    out = launch("train", *FAST, "--data", sample_data, "--storage", storage, "--name", "learn")  # dali-cpu, the default
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return storage / "learn", out
 
@@ -33,6 +33,7 @@ def test_two_workers_learn_well_above_chance(learned):
     assert all(h["world_size"] == 2 for h in history)
     assert history[-1]["val/top1"] >= 40.0, history  # chance is 10%
     assert history[-1]["val/top1"] > history[0]["val/top1"]
+    assert "data: dali-cpu backend" in out.stdout
     assert "summary: 6 epochs" in out.stdout and "img/s" in out.stdout and "eta" in out.stdout
     assert f"best checkpoint: {run}/best_epoch" in out.stdout
     saved = (run / "config.yaml").read_text()
@@ -69,7 +70,7 @@ def _step_losses(stdout: str) -> dict[tuple[int, int], float]:
     return {(int(e), int(s)): float(loss) for e, s, loss in STEP_LINE.findall(stdout)}
 
 
-def test_killed_run_resumes_mid_epoch_with_the_same_losses(tiny_data, tmp_path):
+def test_killed_run_resumes_mid_epoch_with_the_same_losses_and_mlflow_run(tiny_data, tmp_path, server):
     # DALI here; the pytorch backend's exact mid-epoch resume is shown in test_checkpoint.py.
     # 200 images / 32 per step = 6 steps an epoch; a checkpoint every 4 steps lands mid-epoch.
     args = ("train", *FAST, "--backend", "dali-cpu", "--data", tiny_data, "--epochs", "3", "--warmup-epochs", "0.5")
@@ -80,8 +81,10 @@ def test_killed_run_resumes_mid_epoch_with_the_same_losses(tiny_data, tmp_path):
     assert len(expected) == 18
 
     storage = tmp_path / "runs"
-    cmd = launch_cmd(*args, "--storage", storage)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    args += ("--storage", storage, "--mlflow-uri", server.uri, "--experiment", "killed")
+    proc = subprocess.Popen(
+        launch_cmd(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     for line in proc.stdout:  # steps 4 and 8 were checkpointed by the time step 10 is logged
         if "epoch 2/3 step 4/6" in line:
             break
@@ -89,8 +92,9 @@ def test_killed_run_resumes_mid_epoch_with_the_same_losses(tiny_data, tmp_path):
         pytest.fail("the run ended before the kill")
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started, at once
     proc.wait()
-    run = next(storage.iterdir())
-    out = launch(*args, "--storage", storage)
+    run = next(p for p in storage.iterdir() if p.name.startswith("rn50-"))
+    first_mlflow_run = json.loads((run / "mlflow.json").read_text())["run_id"]
+    out = launch(*args)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "(resuming)" in out.stdout and "resumed from" in out.stdout
     resumed = _step_losses(out.stdout.split("resumed from", 1)[1])
@@ -100,6 +104,16 @@ def test_killed_run_resumes_mid_epoch_with_the_same_losses(tiny_data, tmp_path):
     for key, loss in resumed.items():  # fp32 on CPU: the same batches and weights give the same loss
         assert loss == pytest.approx(expected[key], abs=2e-4), key
     assert [h["step"] for h in _history(run)] == [6, 12, 18]
+
+    # The same MLflow run continues, and its history holds every step once.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(server.uri)
+    assert f"continuing MLflow run {first_mlflow_run}" in out.stdout
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
+    assert mlflow_run.info.run_id == first_mlflow_run and mlflow_run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(first_mlflow_run, "train/loss_step")) == list(range(1, 19))
+    assert sorted(m.step for m in client.get_metric_history(first_mlflow_run, "val/top1")) == [6, 12, 18]
 
 
 @pytest.mark.parametrize("screen", ["true", "false"])
@@ -173,12 +187,23 @@ def test_more_workers_than_the_cluster_fails_fast(tiny_data, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_dali_cpu_workers_learn_well_above_chance(sample_data, tmp_path, learned):
-    out = launch("train", *FAST, "--backend", "dali-cpu", "--data", sample_data, "--storage", tmp_path, "--name", "dali")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "data: dali-cpu backend" in out.stdout
-    history = _history(tmp_path / "dali")
-    assert len(history) == 6 and all(h["world_size"] == 2 for h in history)
-    assert history[-1]["val/top1"] >= 40.0, history
-    pytorch_top1 = _history(learned[0])[-1]["val/top1"]  # the same recipe on the pytorch backend
-    assert abs(history[-1]["val/top1"] - pytorch_top1) <= 15.0, (history[-1]["val/top1"], pytorch_top1)
+def test_the_pytorch_backend_reaches_similar_accuracy(learned, sample_data, tmp_path):
+    # The same recipe in one process: 2 micro-batches of 16 accumulated equal 2 DDP workers of 16.
+    import torch
+
+    from rn50_ray.config import load_config
+    from rn50_ray.core.context import LocalContext
+    from rn50_ray.core.loop import fit
+    from rn50_ray.core.recipe import plan_batches
+    from rn50_ray.data import Shard, make_loaders
+
+    cfg = load_config([str(ROOT / "recipes" / "cpu_demo.yaml")], {"data.path": str(sample_data), "data.backend": "pytorch"})
+    plan = plan_batches(cfg.batch.global_size, 1, cfg.batch.per_worker)
+    assert (plan.micro, plan.accum) == (16, 2)
+    loaders = make_loaders(
+        cfg.data, Shard(0, 1, torch.device("cpu")), plan.per_rank, global_batch=32, seed=0, channels_last=False
+    )
+    summary = fit(cfg, LocalContext(tmp_path, quiet=True), loaders, plan)
+    dali_top1 = _history(learned[0])[-1]["val/top1"]
+    assert summary["val/top1"] >= 40.0
+    assert abs(summary["val/top1"] - dali_top1) <= 15.0, (summary["val/top1"], dali_top1)

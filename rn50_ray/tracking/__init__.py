@@ -139,7 +139,10 @@ def open_run(cfg: Config, run_uri: str, read_file, write_file) -> TrackedRun | N
         if experiment
         else client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_root)
     )
-    run = client.create_run(exp_id, run_name=cfg.run.name, tags=provenance_tags(cfg, run_uri))
+    tags = provenance_tags(cfg, run_uri)
+    if cfg.tracking.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id  # the UI nests the run under it
+    run = client.create_run(exp_id, run_name=cfg.run.name, tags=tags)
     params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg.to_dict()).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[i : i + 100])

@@ -1,0 +1,254 @@
+"""`launch.py tune`: a Ray Tune search whose trials are whole Ray Train runs.
+
+Each trial is a function trainable that resolves its config (the base config, the space's `base`, then
+the sampled params) and calls `run_training`, which builds a TorchTrainer whose rank-0 reports reach Tune
+through `TuneReportCallback`. Every trial has its own run folder under SEARCH/trials and its own MLflow
+run, nested under the search's parent run. A failing trial is retried up to `max_trial_failures` times
+and never stops the search; `--resume` restores the search and runs only the unfinished trials.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rn50_ray.config import Config, flatten, load_config
+from rn50_ray.errors import ConfigError, UserError
+from rn50_ray.tune.spaces import Space
+
+PARENT_FILE = "mlflow_parent.json"
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], trial_dir: str, trial_name: str, parent: str) -> Config:
+    overrides = {**flatten(base), **params}
+    overrides.update({"run.storage": trial_dir, "run.name": trial_name, "tracking.parent_run_id": parent})
+    overrides.update({"scale.check_resources": False, "data.screen_images": False})  # the search checked both once
+    return load_config([], overrides)
+
+
+def train_trial(config: dict[str, Any]) -> None:
+    """One trial: a full Train run, reporting each epoch to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from rn50_ray.ray_app import run_training
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(config["base"], config["params"], config["trials_dir"], f"trial_{trial_id}", config["parent_run"])
+    run_training(cfg, callbacks=[TuneReportCallback()], bad_files=config["bad_files"])
+
+
+def _scheduler(space: Space, epochs: int):
+    from ray.tune.schedulers import ASHAScheduler
+
+    kind = space.scheduler["type"]
+    if kind == "fifo":
+        return None
+    if kind == "asha":
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=epochs,
+            grace_period=space.scheduler["grace_period"],
+            reduction_factor=space.scheduler["reduction_factor"],
+        )
+    raise ConfigError(
+        f"{space.source}: scheduler.type: pbt is not available yet (it needs Tune checkpoints that carry the Train "
+        "checkpoints); use asha or fifo"
+    )
+
+
+def _searcher(space: Space):
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    if space.search in ("random", "grid"):
+        return BasicVariantGenerator(random_state=0)  # samples the domains (seeded), expands grid_search
+
+    if space.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(seed=0)
+    else:
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        searcher = HyperOptSearch(random_state_seed=0)
+    return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent_trials)
+
+
+def check_cluster(space: Space) -> None:
+    """More than the cluster has for one trial is an error now, not a search that never starts."""
+    import ray
+
+    have = ray.cluster_resources()
+    n = int(space.workers.split(":")[0])
+    need = {"CPU": n * space.cpus_per_worker, "GPU": n * space.gpus_per_worker}
+    short = {k: v for k, v in need.items() if v > have.get(k, 0)}
+    if short:
+        raise UserError(
+            f"{space.source}: resources: one trial needs {need['CPU']:g} CPUs and {need['GPU']:g} GPUs "
+            f"({space.workers} workers), but the Ray cluster has {have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs"
+        )
+
+
+def results_table(results, space: Space) -> list[dict[str, Any]]:
+    rows = []
+    for r in results:
+        metrics = r.metrics or {}
+        rows.append(
+            {
+                "trial": metrics.get("trial_id") or (r.path or "?").rstrip("/").split("/")[-1],
+                **{k: (r.config or {}).get("params", {}).get(k) for k in space.params},
+                space.metric: metrics.get(space.metric),
+                "epochs": metrics.get("training_iteration", 0),
+                "status": "ERROR" if r.error else ("STOPPED" if metrics.get("epoch", 0) < r.config["epochs"] else "FINISHED"),
+            }
+        )
+    reverse = space.mode == "max"
+    have = [r for r in rows if r[space.metric] is not None]
+    return sorted(have, key=lambda r: r[space.metric], reverse=reverse) + [r for r in rows if r[space.metric] is None]
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def run_search(space: Space, cfg: Config, *, name: str, storage: str, resume: bool = False) -> dict[str, Any]:
+    import ray.tune
+
+    from rn50_ray.ray_app import connect, precheck_data, read_run_file, resolve, write_run_file
+
+    trial_scale = {
+        "scale.workers": space.workers,
+        "scale.cpus_per_worker": space.cpus_per_worker,
+        "scale.gpus_per_worker": space.gpus_per_worker,
+    }
+    cfg = load_config([], {**flatten(cfg.to_dict()), **flatten(space.base), **trial_scale})
+    cfg = resolve(cfg)
+    if cfg.tracking.mode != "off":  # one store for the parent and every trial, even the embedded one
+        from rn50_ray.tracking import resolve_uri
+
+        cfg = load_config([], {**flatten(cfg.to_dict()), "tracking.uri": resolve_uri(cfg)[0]})
+    search_dir = os.path.abspath(os.path.join(storage, name)) if "://" not in storage else f"{storage.rstrip('/')}/{name}"
+    if not resume and read_run_file(search_dir, "space.yaml") is not None:
+        raise UserError(f"tune: a search named {name!r} exists in {storage}; pass --resume {name}, or a new --name")
+    bad_files = precheck_data(cfg)
+    connect(cfg)
+    check_cluster(space)
+    parent = _parent_run(cfg, space, name, search_dir, read_run_file, write_run_file)
+    trainable = ray.tune.with_resources(train_trial, {"CPU": 0.01})  # the trial's driver; Train asks for the workers
+    if resume:
+        if not ray.tune.Tuner.can_restore(f"{search_dir}/tuner"):
+            raise UserError(f"tune --resume: no search to resume at {search_dir}/tuner")
+        tuner = ray.tune.Tuner.restore(f"{search_dir}/tuner", trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        write_run_file(search_dir, "space.yaml", Path(space.source).read_text())
+        write_run_file(search_dir, "base_config.yaml", cfg.to_yaml())
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space={
+                "params": space.to_tune(),
+                "base": cfg.to_dict(),
+                "trials_dir": f"{search_dir}/trials",
+                "parent_run": parent.run_id if parent else "",
+                "bad_files": bad_files,
+                "epochs": cfg.schedule.epochs,
+            },
+            tune_config=ray.tune.TuneConfig(
+                metric=space.metric,
+                mode=space.mode,
+                num_samples=space.num_samples,
+                max_concurrent_trials=space.max_concurrent_trials,
+                scheduler=_scheduler(space, cfg.schedule.epochs),
+                search_alg=_searcher(space),
+            ),
+            run_config=ray.tune.RunConfig(
+                name="tuner",
+                storage_path=search_dir,
+                failure_config=ray.tune.FailureConfig(max_failures=space.max_trial_failures),
+                verbose=1,
+            ),
+        )
+    results = tuner.fit()
+    rows = results_table(results, space)
+    write_run_file(search_dir, "results.csv", to_csv(rows))
+    summary: dict[str, Any] = {"search_dir": search_dir, "rows": rows, "errors": results.num_errors}
+    finished = [r for r in rows if r[space.metric] is not None]
+    if finished:
+        best = results.get_best_result(space.metric, space.mode, scope="last")
+        best_cfg = trial_config(cfg.to_dict(), best.config["params"], f"{search_dir}/trials", "", "")
+        best_yaml = yaml.safe_dump({k: v for k, v in best_cfg.to_dict().items() if k not in ("run", "tracking")}, sort_keys=False)
+        write_run_file(search_dir, "best_config.yaml", best_yaml)
+        summary.update(
+            best=rows[0], best_config=f"{search_dir}/best_config.yaml", best_checkpoint=best.metrics.get("checkpoint_path")
+        )
+    if parent:
+        _close_parent(parent, rows, summary, space)
+    return summary
+
+
+def _parent_run(cfg: Config, space: Space, name: str, search_dir: str, read_file, write_file):
+    """The search's MLflow run: its trials' runs nest under it."""
+    from rn50_ray import tracking
+
+    parent_cfg = load_config([], {**flatten(cfg.to_dict()), "run.name": f"search-{name}"})
+    known = json.loads(read_file(search_dir, PARENT_FILE) or "{}")
+    tracked = tracking.open_run(parent_cfg, search_dir, lambda n: json.dumps(known) if known else None,
+                                lambda n, text: write_file(search_dir, PARENT_FILE, text))  # fmt: skip
+    if tracked and not tracked.resumed:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracked.uri)
+        client.set_tag(tracked.run_id, "rn50.search_space", Path(space.source).name)
+        for key in ("metric", "mode", "num_samples", "search"):
+            client.set_tag(tracked.run_id, f"search.{key}", str(getattr(space, key)))
+        client.set_tag(tracked.run_id, "search.scheduler", space.scheduler["type"])
+    return tracked
+
+
+def _close_parent(parent, rows: list[dict[str, Any]], summary: dict[str, Any], space: Space) -> None:
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(parent.uri)
+    if summary.get("best"):
+        best = summary["best"]
+        client.set_tag(parent.run_id, "best_trial", best["trial"])
+        client.log_metric(parent.run_id, f"best_{space.metric}", best[space.metric])
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "results.csv").write_text(to_csv(rows))
+        client.log_artifact(parent.run_id, str(Path(tmp) / "results.csv"))
+        plot = _trials_plot(rows, space, Path(tmp) / "trials.png")
+        if plot:
+            client.log_artifact(parent.run_id, str(plot))
+    client.set_terminated(parent.run_id, "FINISHED")
+
+
+def _trials_plot(rows: list[dict[str, Any]], space: Space, out: Path) -> Path | None:
+    done = [r for r in rows if r[space.metric] is not None]
+    if not done:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, len(done) * 0.8), 4))
+    ax.bar([r["trial"][-12:] for r in done], [r[space.metric] for r in done])
+    ax.set(ylabel=space.metric, title="Trials")
+    ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
