@@ -1,0 +1,109 @@
+"""Every cluster config passes Ray's own validator, and the KubeRay manifests have the fields that matter."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+
+CLUSTER = ROOT / "cluster"
+LAUNCHER_CONFIGS = sorted(CLUSTER.glob("*.yaml"))
+
+
+def _validate(raw: dict) -> dict:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = prepare_config(copy.deepcopy(raw))  # the launcher fills provider defaults first, as `ray up` does
+    validate_config(cfg)
+    return cfg
+
+
+def test_the_expected_configs_exist():
+    assert {p.name for p in LAUNCHER_CONFIGS} == {"dgx.yaml", "aws-p4d.yaml", "aws-p5.yaml"}
+
+
+@pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=lambda p: p.name)
+def test_cluster_launcher_configs_pass_rays_validator(path: Path):
+    raw = yaml.safe_load(path.read_text())
+    cfg = _validate(raw)
+    docker = cfg["docker"]
+    assert docker["image"].startswith("nvcr.io/nvidia/pytorch:")
+    assert {"--gpus all", "--ipc=host"} <= set(docker["run_options"])
+    assert any(o.startswith("--shm-size") for o in docker["run_options"])
+    mounts = cfg["file_mounts"]
+    assert "." in mounts.values()  # the project goes to every node
+    assert any("pip install" in c and "-e" in c for c in cfg["setup_commands"])  # installed: launch.py finds it
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in head and "~/.ray/auth_token" in mounts.values()
+    assert "mlflow server --host" in head and "0.0.0.0 --port 5000" not in head  # bound to a private address
+
+
+def test_aws_configs_autoscale_gpu_workers_from_zero():
+    for name, node_type, instance in (("aws-p4d.yaml", "gpu_p4d", "p4d.24xlarge"), ("aws-p5.yaml", "gpu_p5", "p5.48xlarge")):
+        cfg = _validate(yaml.safe_load((CLUSTER / name).read_text()))
+        gpu = cfg["available_node_types"][node_type]
+        assert gpu["node_config"]["InstanceType"] == instance
+        assert gpu["min_workers"] == 0 and gpu["max_workers"] == 8 and cfg["idle_timeout_minutes"] > 0
+        assert cfg["available_node_types"]["head"]["resources"] == {"CPU": 0}
+
+
+def test_a_broken_edit_fails_validation():
+    raw = yaml.safe_load((CLUSTER / "aws-p4d.yaml").read_text())
+    raw["docker"]["gpus"] = "all"  # not a docker key the launcher knows
+    with pytest.raises(Exception, match="Additional properties are not allowed"):
+        _validate(raw)
+    raw = yaml.safe_load((CLUSTER / "aws-p4d.yaml").read_text())
+    raw["head_node_type"] = "missing"
+    with pytest.raises(Exception, match=r"head_node_type. must be one of .available_node_types"):
+        _validate(raw)
+
+
+def test_kuberay_manifests_have_autoscaling_gpu_workers_and_the_train_entrypoint():
+    cluster = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
+    job = yaml.safe_load((CLUSTER / "kuberay" / "rayjob.yaml").read_text())
+    assert cluster["kind"] == "RayCluster" and job["kind"] == "RayJob"
+    for spec in (cluster["spec"], job["spec"]["rayClusterSpec"]):
+        assert spec["rayVersion"] == "2.60.0" and spec["enableInTreeAutoscaling"] is True
+        assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+        (gpu,) = spec["workerGroupSpecs"]
+        assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"] == 8
+        (container,) = gpu["template"]["spec"]["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert job["spec"]["entrypoint"].startswith("python launch.py train ") and "--workers 8:64" in job["spec"]["entrypoint"]
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+
+
+def test_launch_py_alone_in_another_folder_runs_the_installed_package(tmp_path):
+    # What `ray submit` does: copy launch.py to the head's home folder and run it there.
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    install = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "--target",
+        str(site),
+        str(ROOT),
+    ]
+    assert subprocess.run(install, capture_output=True, text=True, timeout=300).returncode == 0
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "launch.py").write_text((ROOT / "launch.py").read_text())
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "HOME": str(home)}
+    out = subprocess.run(
+        [sys.executable, "launch.py", "train", "--help"], cwd=home, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "--workers SCALE.WORKERS" in out.stdout and "--mlflow-uri" in out.stdout
+    where = subprocess.run(
+        [sys.executable, "-c", "import rn50_ray; print(rn50_ray.__file__)"], cwd=home, env=env, capture_output=True, text=True
+    )
+    assert where.stdout.startswith(str(site))
