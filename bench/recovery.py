@@ -28,10 +28,15 @@ RESUMED = re.compile(r"resumed from .*: epoch \d+, step (\d+) ")
 
 
 def kill_one_worker(driver_pid: int) -> None:
-    """SIGKILL one Ray Train worker of this driver (its local Ray's processes are its children)."""
-    workers = [p for p in psutil.Process(driver_pid).children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+    """SIGKILL one Ray Train worker started by this run (after its driver), never a leftover of another."""
+    started = psutil.Process(driver_pid).create_time()
+    workers = [
+        p
+        for p in psutil.process_iter(["cmdline", "create_time"])
+        if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and p.info["create_time"] >= started
+    ]
     if not workers:
-        raise SystemExit("no RayTrainWorker process found to kill")
+        raise SystemExit("no RayTrainWorker process of this run found to kill")
     workers[-1].send_signal(signal.SIGKILL)
 
 

@@ -132,9 +132,14 @@ def test_node_gain_grows_the_run_to_max(tiny_data, tmp_path, cluster):
 
 
 def test_worker_crash_restarts_from_the_last_checkpoint(tiny_data, tmp_path):
-    def kill_a_worker(_, driver):  # one of this driver's Ray Train workers (its local Ray's processes are its children)
-        workers = [p for p in psutil.Process(driver.pid).children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
-        assert len(workers) == 2, workers
+    def kill_a_worker(_, driver):  # a Ray Train worker started by this run (after its driver), not a leftover
+        started = psutil.Process(driver.pid).create_time()
+        workers = [
+            p
+            for p in psutil.process_iter(["cmdline", "create_time"])
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and p.info["create_time"] >= started
+        ]
+        assert workers, "no Ray Train worker of this run found"
         workers[-1].send_signal(signal.SIGKILL)
 
     args = launch_cmd(
@@ -144,6 +149,7 @@ def test_worker_crash_restarts_from_the_last_checkpoint(tiny_data, tmp_path):
     status, out = watch(args, [("epoch 2/6 step 2/6", kill_a_worker)])  # 4 epochs left: the kill lands mid-run
     assert status == 0, out[-4000:]
     resumed = re.search(r"resumed from .*: epoch \d+, step (\d+) ", out)
-    assert resumed and int(resumed[1]) >= 6 and int(resumed[1]) % 3 == 0, out[-4000:]  # a checkpoint after the first
+    # Killed at step 8: resumed from a checkpoint before it (step 3 or 6; Ray registers them asynchronously).
+    assert resumed and int(resumed[1]) in (3, 6), out[-4000:]
     history = _history(tmp_path)
     assert [h["step"] for h in history] == [6, 12, 18, 24, 30, 36]
