@@ -324,18 +324,22 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's contents ({} when empty), or a ConfigError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
 def load_config(files: list[str] = (), overrides: dict[str, Any] | None = None) -> Config:
     """Defaults, then each YAML file in order, then the overrides (dotted keys)."""
     cfg = Config()
     for path in files:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        cfg = merge(cfg, data, str(path))
+        cfg = merge(cfg, read_yaml(path, "config file"), str(path))
     if overrides:
         cfg = merge(cfg, overrides, "command line")
     return check_consistency(cfg)

@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from rn50_ray.config import Config, all_keys, load_config, merge
+from rn50_ray.config import Config, all_keys, load_config, merge, read_yaml
 from rn50_ray.errors import ConfigError
 
 # (number of arguments, what they are)
@@ -112,13 +110,7 @@ def _check_block(source: str, name: str, block: Any, allowed: dict[str, dict[str
 
 def load_space(path: str | Path) -> Space:
     source = str(path)
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{source}: search space file not found")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_yaml(path, "search space file")
     if not isinstance(raw, dict):
         raise _fail(source, "(top level)", "a mapping", type(raw).__name__)
     unknown = set(raw) - TOP_KEYS
