@@ -373,8 +373,13 @@ def run_training(cfg: Config, *, callbacks: list | None = None, bad_files: list[
     summary["checkpoint"] = latest.path if latest else None
     summary["best_checkpoint"] = best_checkpoint(uri)
     if tracked:
-        history = [json.loads(line) for line in (read_run_file(uri, "metrics.jsonl") or "").splitlines()]
-        files = {"config.yaml": cfg.to_yaml(), "metrics.jsonl": read_run_file(uri, "metrics.jsonl") or ""}
-        tracking.log_results(tracked, cfg, files, history, summary["best_checkpoint"] or summary["checkpoint"])
+        log_run_results(cfg, tracked, summary["best_checkpoint"] or summary["checkpoint"])
         summary["mlflow"] = f"run {tracked.run_id} at {tracked.uri}"
     return summary
+
+
+def log_run_results(cfg: Config, tracked: tracking.TrackedRun, best: str | None) -> None:
+    """The run folder's config and epoch records, their plots, and (given `best`) the checkpoint and model."""
+    text = read_run_file(run_uri(cfg), "metrics.jsonl") or ""
+    history = [json.loads(line) for line in text.splitlines()]
+    tracking.log_results(tracked, cfg, {"config.yaml": cfg.to_yaml(), "metrics.jsonl": text}, history, best)

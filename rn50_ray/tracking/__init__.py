@@ -108,6 +108,11 @@ class TrackedRun:
     def to_json(self) -> str:
         return json.dumps({"uri": self.uri, "run_id": self.run_id, "experiment_id": self.experiment_id})
 
+    @classmethod
+    def from_json(cls, text: str) -> TrackedRun:
+        known = json.loads(text)
+        return cls(known["uri"], known["run_id"], known["experiment_id"], True)
+
 
 def open_run(cfg: Config, run_uri: str, read_file, write_file) -> TrackedRun | None:
     """Create the MLflow run of this training run, or reopen the one it already has."""

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import ray.tune
 import yaml
 
 from rn50_ray.config import Config, flatten, load_config
@@ -44,6 +45,51 @@ def train_trial(config: dict[str, Any]) -> None:
     run_training(cfg, callbacks=[TuneReportCallback()], bad_files=config["bad_files"])
 
 
+class CloseStoppedTrials(ray.tune.Callback):
+    """Ends the MLflow runs of trials whose driver Tune killed.
+
+    A trial that a scheduler stops (ASHA below its rung's cutoff) has its driver killed mid-`fit`, before
+    it can end its MLflow run. This runs on the search's driver instead: it logs what the trial's run
+    folder holds (config, epoch records, plots) and ends the run: KILLED with the epoch it stopped at,
+    FINISHED with its model if that was its last epoch, or FAILED for a trial that crashed. A trial that
+    ended its run itself is left alone.
+    """
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._close(trial, "KILLED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._close(trial, "FAILED")
+
+    @staticmethod
+    def _close(trial, status: str) -> None:
+        from mlflow import MlflowClient
+
+        from rn50_ray import tracking
+        from rn50_ray.ray_app import best_checkpoint, log_run_results, read_run_file, run_uri
+
+        config = trial.config
+        cfg = trial_config(config["base"], config["params"], config["trials_dir"], f"trial_{trial.trial_id}", "")
+        known = read_run_file(run_uri(cfg), tracking.RUN_FILE)
+        if not known:
+            return
+        tracked = tracking.TrackedRun.from_json(known)
+        try:
+            client = MlflowClient(tracked.uri)
+            if client.get_run(tracked.run_id).info.status != "RUNNING":
+                return
+            epoch = (trial.last_result or {}).get("epoch", 0)
+            if status == "KILLED" and epoch >= config["epochs"]:  # stopped at its last rung: it did finish
+                log_run_results(cfg, tracked, best_checkpoint(run_uri(cfg)))
+                client.set_terminated(tracked.run_id, "FINISHED")
+                return
+            log_run_results(cfg, tracked, None)
+            client.set_tag(tracked.run_id, "rn50.stopped", f"by the search at epoch {epoch}" if status == "KILLED" else "crashed")
+            client.set_terminated(tracked.run_id, status)
+        except Exception as e:  # the search goes on; the trial's metrics are in its run folder either way
+            print(f"tracking: could not close the MLflow run of trial {trial.trial_id} ({type(e).__name__}: {e})", flush=True)
+
+
 def _scheduler(space: Space, epochs: int):
     from ray.tune.schedulers import ASHAScheduler
 
@@ -56,6 +102,7 @@ def _scheduler(space: Space, epochs: int):
             max_t=epochs,
             grace_period=space.scheduler["grace_period"],
             reduction_factor=space.scheduler["reduction_factor"],
+            stop_last_trials=False,  # a trial at max_t ends on its own, so its driver logs its model
         )
     raise ConfigError(
         f"{space.source}: scheduler.type: pbt is not available yet (it needs Tune checkpoints that carry the Train "
@@ -67,7 +114,8 @@ def _searcher(space: Space):
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     if space.search in ("random", "grid"):
-        return BasicVariantGenerator(random_state=0)  # samples the domains (seeded), expands grid_search
+        # Its own max_concurrent: Tune ignores TuneConfig.max_concurrent_trials for a SearchGenerator we pass in.
+        return BasicVariantGenerator(random_state=0, max_concurrent=space.max_concurrent_trials)
 
     if space.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -168,7 +216,6 @@ def run_search(space: Space, cfg: Config, *, name: str, storage: str, resume: bo
                 metric=space.metric,
                 mode=space.mode,
                 num_samples=space.num_samples,
-                max_concurrent_trials=space.max_concurrent_trials,
                 scheduler=_scheduler(space, cfg.schedule.epochs),
                 search_alg=_searcher(space),
             ),
@@ -176,6 +223,7 @@ def run_search(space: Space, cfg: Config, *, name: str, storage: str, resume: bo
                 name="tuner",
                 storage_path=search_dir,
                 failure_config=ray.tune.FailureConfig(max_failures=space.max_trial_failures),
+                callbacks=[CloseStoppedTrials()],
                 verbose=1,
             ),
         )
