@@ -119,6 +119,11 @@ class RayContext:
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str) -> None:
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{name}")
+        if ckpt is not None and self.world_rank == 0:
+            # The controller registers a reported checkpoint when it next polls; a group that dies before
+            # then resumes from the one before. Waiting here (the other ranks wait at the next all-reduce)
+            # bounds the loss to checkpoint_every_steps.
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
     def track_start(self, step: int, tags: dict[str, Any]) -> None:
         if self.tracker is not None:

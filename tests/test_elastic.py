@@ -149,7 +149,7 @@ def test_worker_crash_restarts_from_the_last_checkpoint(tiny_data, tmp_path):
     status, out = watch(args, [("epoch 2/6 step 2/6", kill_a_worker)])  # 4 epochs left: the kill lands mid-run
     assert status == 0, out[-4000:]
     resumed = re.search(r"resumed from .*: epoch \d+, step (\d+) ", out)
-    # Killed at step 8: resumed from a checkpoint before it (step 3 or 6; Ray registers them asynchronously).
-    assert resumed and int(resumed[1]) in (3, 6), out[-4000:]
+    # Killed at step 8 or just after: no more than 3 steps lost, so the step-6 checkpoint (or a later one).
+    assert resumed and int(resumed[1]) >= 6, out[-4000:]
     history = _history(tmp_path)
     assert [h["step"] for h in history] == [6, 12, 18, 24, 30, 36]
