@@ -143,6 +143,7 @@ class RunOptions:
     checkpoint_every_steps: int = _opt(0, "also checkpoint every N optimizer steps; 0 is per epoch only", check=NON_NEGATIVE)
     keep_checkpoints: int = _opt(3, "newest checkpoints to keep", check=POSITIVE)
     stop_after_epochs: int = _opt(0, "stop (resumably) after this many epochs of this run; 0 runs to the end", check=NON_NEGATIVE)
+    init_from: str = _opt("", "a checkpoint folder of another run to start from, with this config's hyperparameters (PBT)")
 
 
 @dataclass

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -67,19 +68,23 @@ def read_run_file(run_uri: str, name: str) -> str | None:
 class RayContext:
     """TrainContext over ray.train: rank, device, checkpoints and reports."""
 
-    def __init__(self, run_uri: str, tracker=None):
+    def __init__(self, run_uri: str, tracker=None, init_from: str = ""):
         tctx = ray.train.get_context()
         self.world_rank, self.world_size = tctx.get_world_rank(), tctx.get_world_size()
         self.device = ray.train.torch.get_device()  # the index into CUDA_VISIBLE_DEVICES, not a physical id
         self.run_uri = run_uri
         self.latest = ""
         self.tracker = tracker if self.world_rank == 0 else None  # a MetricSink actor, or None
+        self.init_from, self.from_init = init_from, False
 
     @contextlib.contextmanager
     def open_checkpoint(self) -> Iterator[str | None]:
         # as_directory() downloads once per node under a lock; ranks sharing a node must not each
         # write the same temporary folder (to_directory() does, and a rank then reads half a file).
         ckpt = ray.train.get_checkpoint()
+        if ckpt is None and self.init_from:  # this run has none of its own yet: start from the other run's
+            fs, path = pafs.FileSystem.from_uri(self.init_from) if "://" in self.init_from else (None, self.init_from)
+            ckpt, self.from_init = ray.train.Checkpoint(path, filesystem=fs), True
         if ckpt is None:
             yield None
             return
@@ -152,7 +157,7 @@ def _quiet_report_log() -> None:
 def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
     _quiet_report_log()
     cfg = Config.from_dict(payload["config"], source="worker config")
-    ctx = RayContext(payload["run_uri"], payload.get("tracker"))
+    ctx = RayContext(payload["run_uri"], payload.get("tracker"), cfg.run.init_from)
     plan = plan_batches(cfg.batch.global_size, ctx.world_size, cfg.batch.per_worker)
     shard = Shard(ctx.world_rank, ctx.world_size, ctx.device)
     loaders = make_loaders(
@@ -291,6 +296,12 @@ def build_trainer(
     )
 
 
+def checkpoint_step(path: str) -> int:
+    """The optimizer step in a checkpoint folder's name (checkpoint_epoch0002_step00000012 -> 12)."""
+    match = re.search(r"_step(\d+)$", path.rstrip("/"))
+    return int(match[1]) if match else 0
+
+
 def has_checkpoint(cfg: Config) -> bool:
     fs, base = run_filesystem(run_uri(cfg))
     try:
@@ -318,7 +329,7 @@ def remove_run(cfg: Config) -> None:
         pass
 
 
-def start_sink(cfg: Config, tracked: tracking.TrackedRun):
+def start_sink(cfg: Config, tracked: tracking.TrackedRun, rewind_to: int | None = None):
     """The run's MetricSink as an actor pinned to this (the driver's) node, where an embedded SQLite
     store lives, and which outlives every worker group of the run."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -331,6 +342,7 @@ def start_sink(cfg: Config, tracked: tracking.TrackedRun):
         read_file=partial(read_run_file, run_uri(cfg)),
         write_file=partial(write_run_file, run_uri(cfg)),
         system_metrics=cfg.tracking.system_metrics,
+        rewind_to=rewind_to,
     )
 
 
@@ -349,7 +361,8 @@ def run_training(cfg: Config, *, callbacks: list | None = None, bad_files: list[
     tracked = tracking.open_run(cfg, uri, partial(read_run_file, uri), partial(write_run_file, uri))
     created = not resuming
     write_run_file(uri, "config.yaml", cfg.to_yaml())
-    sink = start_sink(cfg, tracked) if tracked else None
+    rewind = checkpoint_step(cfg.run.init_from) if cfg.run.init_from and not has_checkpoint(cfg) else None
+    sink = start_sink(cfg, tracked, rewind) if tracked else None
     status = "FAILED"
     try:
         result = build_trainer(cfg, bad_files, sink, callbacks).fit()

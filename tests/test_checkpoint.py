@@ -14,7 +14,7 @@ from rn50_ray.data import Shard, make_loaders
 from rn50_ray.errors import UserError
 
 
-def _run(data, run_dir, **overrides):
+def _run(data, run_dir, init_from=None, **overrides):
     cfg = load_config(
         [],
         {
@@ -33,12 +33,37 @@ def _run(data, run_dir, **overrides):
     )
     plan = plan_batches(20, 1, 20)
     loaders = make_loaders(cfg.data, Shard(0, 1, torch.device("cpu")), 20, global_batch=20, seed=0, channels_last=False)
-    ctx = LocalContext(run_dir, quiet=True, keep=cfg.run.keep_checkpoints)
+    ctx = LocalContext(run_dir, quiet=True, keep=cfg.run.keep_checkpoints, init_from=init_from)
     return fit(cfg, ctx, loaders, plan), ctx
 
 
 def _weights(ctx):
     return load_checkpoint(ctx.latest_checkpoint())["model"]
+
+
+def test_starting_from_another_runs_checkpoint_keeps_this_runs_hyperparameters(tiny_data, tmp_path):
+    # PBT's exploit: weights, momentum buffers, progress and history come from the donor's checkpoint; the
+    # LR schedule and the momentum are this run's own, as if it had used them from the start.
+    torch.set_num_threads(1)
+    _, donor = _run(tiny_data, tmp_path / "donor", **{"run.stop_after_epochs": 1})
+    start = donor.latest_checkpoint()
+    assert start.endswith("epoch0001_step00000010")
+    mine = {"optim.lr_per_256": 0.5, "optim.momentum": 0.8}
+    adopted, ctx = _run(tiny_data, tmp_path / "adopter", init_from=start, **mine)
+    with ctx.open_checkpoint() as again:  # a restart now resumes its own checkpoint, not the donor's
+        assert again == ctx.latest_checkpoint() and not ctx.from_init
+    assert [p.name for p in ctx.checkpoints()] == ["checkpoint_epoch0002_step00000020"]  # one epoch trained
+    assert [r["epoch"] for r in ctx.reports] == [2]
+    state = load_checkpoint(ctx.latest_checkpoint())
+    assert state["progress"]["history"][0] == load_checkpoint(start)["progress"]["history"][0]
+    _, scratch = _run(tiny_data, tmp_path / "scratch", **mine)  # the same hyperparameters from step 0
+    own = load_checkpoint(scratch.latest_checkpoint())
+    for got, want in zip(state["optimizer"]["param_groups"], own["optimizer"]["param_groups"], strict=True):
+        assert got["lr"] == pytest.approx(want["lr"], rel=1e-12) and got["momentum"] == want["momentum"] == 0.8
+    donor_groups = load_checkpoint(start)["optimizer"]["param_groups"]
+    assert donor_groups[0]["momentum"] != 0.8
+    assert state["scheduler"]["last_epoch"] == own["scheduler"]["last_epoch"]
+    assert adopted["step"] == 20
 
 
 def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tiny_data, tmp_path):

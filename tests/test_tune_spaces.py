@@ -57,6 +57,10 @@ def _with(**changes):
         (_with(num_samples=0), "num_samples: expected a positive integer, got 0"),
         (_with(scheduler={"type": "hyperband"}), "scheduler.type: expected one of fifo, asha, pbt"),
         (_with(scheduler={"type": "pbt"}), "scheduler.mutations: expected a mapping of some params keys"),
+        (
+            _with(scheduler={"type": "pbt", "mutations": {"optim.lr_per_256": 0.1}}),
+            "scheduler.mutations.optim.lr_per_256: expected a non-empty list of values",
+        ),
         (_with(search="bayes"), "search: expected one of random, grid, optuna, hyperopt, got 'bayes'"),
         (_with(params={"optim.momentum": {"grid": [0.8, 0.9]}}), "search: expected grid, since params use grid"),
         (_with(resources={"workers": "0"}), "resources: scale.workers: expected N or MIN:MAX"),

@@ -22,6 +22,7 @@ class TrainContext(Protocol):
     world_rank: int
     world_size: int
     device: torch.device
+    from_init: bool  # open_checkpoint gave another run's checkpoint (run.init_from), not one of this run's
 
     def open_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
         """A local folder holding the checkpoint to resume from (or None), valid inside the block."""
@@ -66,8 +67,16 @@ def replace_dir(src: str | os.PathLike, parent: Path, name: str) -> Path:
 class LocalContext:
     """One process, checkpoints under `run_dir/checkpoint_*`, the newest K kept."""
 
-    def __init__(self, run_dir: str | os.PathLike, device: str | torch.device = "cpu", keep: int = 3, quiet: bool = False):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        keep: int = 3,
+        quiet: bool = False,
+        init_from: str | None = None,
+    ):
         self.run_dir = Path(run_dir)
+        self.init_from, self.from_init = init_from, False
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.world_rank, self.world_size, self.device = 0, 1, torch.device(device)
         self.keep, self.quiet = keep, quiet
@@ -82,7 +91,9 @@ class LocalContext:
         return str(found[-1]) if found else None
 
     def open_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
-        return contextlib.nullcontext(self.latest_checkpoint())
+        latest = self.latest_checkpoint()
+        self.from_init = latest is None and bool(self.init_from)
+        return contextlib.nullcontext(self.init_from if self.from_init else latest)
 
     def older_checkpoints(self) -> Iterator[contextlib.AbstractContextManager[str]]:
         return (contextlib.nullcontext(str(p)) for p in reversed(self.checkpoints()[:-1]))

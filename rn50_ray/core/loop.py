@@ -7,6 +7,7 @@ import itertools
 import math
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +82,22 @@ class Trainer:
             "num_classes": self.num_classes,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], keep_hyperparameters: bool = False) -> None:
+        """Load a checkpoint. With `keep_hyperparameters` (starting from another run's checkpoint, as PBT
+        does), the weights, momentum buffers and progress come from it, but the optimizer's hyperparameters
+        and the LR schedule stay this config's, replayed to the checkpoint's step."""
         self.model.load_state_dict(state["model"])
+        ours = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if keep_hyperparameters:
+            for group, hyper in zip(self.optimizer.param_groups, ours, strict=True):
+                group.update(hyper)
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": replaying on purpose
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(state["progress"]["step"]):
+                    self.scheduler.step()
+        else:
+            self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if self.ema and state.get("ema"):
@@ -327,7 +340,9 @@ def _load_first_readable(ctx: TrainContext, resume: str) -> tuple[dict[str, Any]
 def _resume(ctx: TrainContext, trainer: Trainer, train, resume: str, plan: recipe.BatchPlan) -> None:
     state, resume, stack = _load_first_readable(ctx, resume)
     with stack:
-        trainer.load_state_dict(state)
+        trainer.load_state_dict(state, keep_hyperparameters=ctx.from_init)
+        if ctx.from_init:
+            ctx.log(f"starting from another run's checkpoint {resume}, with this run's hyperparameters")
         _after_load(ctx, trainer, train, resume, plan)
 
 

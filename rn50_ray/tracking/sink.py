@@ -36,6 +36,7 @@ class MetricSink:
         write_file: Callable[[str, str], None] | None = None,
         system_metrics: bool = False,
         flush_every_s: float = 2.0,
+        rewind_to: int | None = None,
     ):
         quick_failing_http()
         from mlflow import MlflowClient
@@ -47,6 +48,8 @@ class MetricSink:
         self.pending: list[tuple[str, float, int, int]] = []  # (key, value, timestamp ms, step)
         self.pending_tags: dict[str, str] = {}
         self.logged_max = self._logged_steps()
+        if rewind_to is not None:  # training goes on from another run's checkpoint: its steps are new history
+            self.logged_max = {k: min(v, rewind_to) for k, v in self.logged_max.items()}
         self.starts = 0
         self.down_since: float | None = None
         self.flush_every_s = flush_every_s

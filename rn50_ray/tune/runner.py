@@ -10,39 +10,170 @@ and never stops the search; `--resume` restores the search and runs only the unf
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
+import posixpath
+import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+import ray.train
 import ray.tune
 import yaml
+from ray.util.queue import Empty, Queue
 
 from rn50_ray.config import Config, flatten, load_config
-from rn50_ray.errors import ConfigError, UserError
+from rn50_ray.errors import UserError
+from rn50_ray.tracking import RUN_FILE
 from rn50_ray.tune.spaces import Space
 
 PARENT_FILE = "mlflow_parent.json"
+POINTER = "train_checkpoint.json"  # in a Tune checkpoint: where the trial's Train checkpoint is
+SEGMENT_FILE = "pbt_segment"  # in a trial's first run folder: the Train run it trains in now
 
 
-def trial_config(base: dict[str, Any], params: dict[str, Any], trial_dir: str, trial_name: str, parent: str) -> Config:
+def trial_config(
+    base: dict[str, Any], params: dict[str, Any], trial_dir: str, trial_name: str, parent: str, init_from: str = ""
+) -> Config:
     overrides = {**flatten(base), **params}
     overrides.update({"run.storage": trial_dir, "run.name": trial_name, "tracking.parent_run_id": parent})
+    overrides["run.init_from"] = init_from
     overrides.update({"scale.check_resources": False, "data.screen_images": False})  # the search checked both once
     return load_config([], overrides)
 
 
 def train_trial(config: dict[str, Any]) -> None:
-    """One trial: a full Train run, reporting each epoch to Tune."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+    """One trial: a full Train run, whose epoch ends reach Tune as results with a Tune checkpoint that
+    points at the Train checkpoint (a small file, not a copy of the weights).
 
+    Under PBT a trial can be restarted from another trial's Tune checkpoint with new hyperparameters.
+    It then trains on as a new segment of itself (its own Train run folder, `trial_<id>.pbt-<hash>`),
+    starting from that checkpoint with its own LR schedule and momentum (`run.init_from`), and the
+    same MLflow run, where the change shows as `hp/<key>` metrics and a tag."""
     from rn50_ray.ray_app import run_training
 
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = trial_config(config["base"], config["params"], config["trials_dir"], f"trial_{trial_id}", config["parent_run"])
-    run_training(cfg, callbacks=[TuneReportCallback()], bad_files=config["bad_files"])
+    segment, init_from = _segment(config, trial_id, _tune_start())
+    cfg = trial_config(config["base"], config["params"], config["trials_dir"], segment, config["parent_run"], init_from)
+    if init_from:
+        _note_exploit(cfg, config, trial_id, init_from)
+    callback = ReportToTrial()
+    outcome: dict[str, Any] = {}
+
+    def train() -> None:
+        try:
+            run_training(cfg, callbacks=[callback], bad_files=config["bad_files"])
+        except BaseException as e:  # raised again in the trial's own thread, where Tune sees it
+            outcome["error"] = e
+
+    thread = threading.Thread(target=train, name="train-run", daemon=True)
+    thread.start()
+    while True:
+        try:
+            metrics, where = callback.queue.get(timeout=1.0)
+        except Empty:
+            if thread.is_alive() or not callback.queue.empty():
+                continue
+            break
+        with tempfile.TemporaryDirectory(prefix="rn50-tune-ckpt-") as tmp:
+            (Path(tmp) / POINTER).write_text(json.dumps({"path": where}))
+            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp) if where else None)
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+class ReportToTrial(ray.train.UserCallback):
+    """Runs in the Train controller: hands rank 0's epoch records and where their checkpoint lies to the
+    trial's driver (mid-epoch checkpoints stay Train's business: Tune counts an iteration per epoch)."""
+
+    def __init__(self):
+        self.queue = Queue(actor_options={"num_cpus": 0})
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if "val/loss" not in metrics[0]:
+            return
+        where = None
+        if checkpoint is not None:
+            kind = checkpoint.filesystem.type_name
+            where = checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
+        self.queue.put((dict(metrics[0]), where))
+
+
+def _tune_start() -> str | None:
+    """The Train checkpoint that the trial's Tune checkpoint points at, if Tune (re)started it from one."""
+    ckpt = ray.tune.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as path:
+        return json.loads((Path(path) / POINTER).read_text())["path"]
+
+
+def _segment(config: dict[str, Any], trial_id: str, start: str | None) -> tuple[str, str]:
+    """(the Train run name this start trains in, the checkpoint it starts from if not its own)."""
+    from rn50_ray.ray_app import read_run_file, write_run_file
+
+    trials, first = config["trials_dir"], f"trial_{trial_id}"
+    current = read_run_file(f"{trials}/{first}", SEGMENT_FILE) or first
+    if start is None or posixpath.basename(posixpath.dirname(start.rstrip("/"))) == current:
+        return current, ""  # a first start, or a restart of its own: Train resumes its own latest checkpoint
+    segment = f"{first}.pbt-{hashlib.sha1(start.encode()).hexdigest()[:8]}"
+    if segment != current:
+        write_run_file(f"{trials}/{first}", SEGMENT_FILE, segment)
+        mlflow_run = read_run_file(f"{trials}/{first}", RUN_FILE)
+        if mlflow_run:  # the segment continues the trial's MLflow run
+            write_run_file(f"{trials}/{segment}", RUN_FILE, mlflow_run)
+    return segment, _existing_checkpoint(start)
+
+
+def _existing_checkpoint(path: str) -> str:
+    """`path`, or if its run has pruned it since (newest-K), that run's newest checkpoint."""
+    from rn50_ray.ray_app import run_filesystem
+
+    run = posixpath.dirname(path.rstrip("/"))
+    fs, base = run_filesystem(run)
+    names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(base)) if i.base_name.startswith("checkpoint_"))
+    if posixpath.basename(path.rstrip("/")) in names or not names:
+        return path
+    print(f"tune: {path} was pruned; starting from the newest checkpoint of that trial, {names[-1]}", flush=True)
+    return f"{run}/{names[-1]}"
+
+
+def _note_exploit(cfg: Config, config: dict[str, Any], trial_id: str, init_from: str) -> None:
+    """Record a PBT exploit on the trial's MLflow run: the new values as `hp/<key>` metrics at the step they
+    start from (MLflow params cannot change, which is what breaks Ray's MLflowLoggerCallback under PBT)."""
+    from rn50_ray import tracking
+    from rn50_ray.ray_app import checkpoint_step, read_run_file, run_uri
+
+    known = read_run_file(run_uri(cfg), RUN_FILE)
+    step = checkpoint_step(init_from)
+    donor = posixpath.basename(posixpath.dirname(init_from.rstrip("/")))
+    print(f"tune: trial {trial_id} continues from {donor} at step {step} with {config['params']}", flush=True)
+    if not known:
+        return
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    tracked = tracking.TrackedRun.from_json(known)
+    try:
+        client = MlflowClient(tracked.uri)
+        exploits = int(client.get_run(tracked.run_id).data.tags.get("rn50.pbt_exploits", 0)) + 1
+        now = int(time.time() * 1000)
+        client.log_batch(
+            tracked.run_id,
+            metrics=[Metric(f"hp/{k}", float(v), now, step) for k, v in config["params"].items() if _is_number(v)],
+            tags=[RunTag("rn50.pbt_exploits", str(exploits)), RunTag("rn50.pbt_last", f"from {donor} at step {step}")],
+        )
+    except Exception as e:  # tracking never stops a trial
+        print(f"tracking: could not record the exploit ({type(e).__name__}: {e})", flush=True)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class CloseStoppedTrials(ray.tune.Callback):
@@ -68,8 +199,9 @@ class CloseStoppedTrials(ray.tune.Callback):
         from rn50_ray import tracking
         from rn50_ray.ray_app import best_checkpoint, log_run_results, read_run_file, run_uri
 
-        config = trial.config
-        cfg = trial_config(config["base"], config["params"], config["trials_dir"], f"trial_{trial.trial_id}", "")
+        config, first = trial.config, f"trial_{trial.trial_id}"
+        segment = read_run_file(f"{config['trials_dir']}/{first}", SEGMENT_FILE) or first
+        cfg = trial_config(config["base"], config["params"], config["trials_dir"], segment, "")
         known = read_run_file(run_uri(cfg), tracking.RUN_FILE)
         if not known:
             return
@@ -104,9 +236,14 @@ def _scheduler(space: Space, epochs: int):
             reduction_factor=space.scheduler["reduction_factor"],
             stop_last_trials=False,  # a trial at max_t ends on its own, so its driver logs its model
         )
-    raise ConfigError(
-        f"{space.source}: scheduler.type: pbt is not available yet (it needs Tune checkpoints that carry the Train "
-        "checkpoints); use asha or fifo"
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    return PopulationBasedTraining(
+        time_attr="training_iteration",
+        perturbation_interval=space.scheduler["perturbation_interval"],
+        hyperparam_mutations={"params": dict(space.scheduler["mutations"])},
+        quantile_fraction=space.scheduler["quantile_fraction"],
+        resample_probability=space.scheduler["resample_probability"],
     )
 
 

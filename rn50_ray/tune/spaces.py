@@ -25,7 +25,11 @@ DISTRIBUTIONS = {
 }
 # What `fit` reports at each epoch, so what a search can rank trials by.
 REPORTED_METRICS = ("val/top1", "val/top5", "val/loss", "train/loss", "train/img_per_s", "val_ema/top1")
-SCHEDULERS = {"fifo": {}, "asha": {"grace_period": 1, "reduction_factor": 2}, "pbt": {"perturbation_interval": 1}}
+SCHEDULERS = {
+    "fifo": {},
+    "asha": {"grace_period": 1, "reduction_factor": 2},
+    "pbt": {"perturbation_interval": 1, "quantile_fraction": 0.25, "resample_probability": 0.25},
+}
 SEARCHERS = ("random", "grid", "optuna", "hyperopt")
 TOP_KEYS = {
     "metric", "mode", "num_samples", "max_concurrent_trials", "max_trial_failures", "scheduler", "search",
@@ -133,6 +137,11 @@ def load_space(path: str | Path) -> Space:
         mutations = scheduler.get("mutations")
         if not isinstance(mutations, dict) or not mutations or not set(mutations) <= set(params):
             raise _fail(source, "scheduler.mutations", "a mapping of some params keys to value lists", mutations)
+        for key, values in mutations.items():
+            if not isinstance(values, list) or not values:
+                raise _fail(source, f"scheduler.mutations.{key}", "a non-empty list of values", values)
+        if not 0 < scheduler["quantile_fraction"] <= 0.5:
+            raise _fail(source, "scheduler.quantile_fraction", "a fraction in (0, 0.5]", scheduler["quantile_fraction"])
     search = raw.get("search", "random")
     search = search.get("type") if isinstance(search, dict) else search
     if search not in SEARCHERS:
