@@ -174,6 +174,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
             print(f"best checkpoint: {summary['best_checkpoint']}")
     if summary["errors"]:
         print(f"{summary['errors']} trial(s) failed; see the table")
+    if summary["interrupted"]:
+        print(f"search interrupted: {summary['done']} of {summary['expected']} trials done; continue it with: "
+              f"python launch.py tune --resume {name} --storage {cfg.run.storage}", flush=True)  # fmt: skip
+        return 130
     return 0
 
 

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,25 @@ def launch_cmd(*args: str) -> list[str]:
 def launch(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(launch_cmd(*args), cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def watch(
+    cmd: list[str], actions: list[tuple[str, Callable[[str, subprocess.Popen], None]]], timeout: float = 600
+) -> tuple[int, str]:
+    """Run the driver; when a line holds the next marker, run its action (line, driver process). Returns (status, output)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        while actions and actions[0][0] in line:
+            actions.pop(0)[1](line, proc)
+        if time.time() > deadline:
+            proc.kill()
+            break
+    status = proc.wait()
+    assert not actions, f"never saw {actions[0][0]!r}:\n{''.join(lines)[-4000:]}"
+    return status, "".join(lines)
 
 
 # Overrides for short CPU runs on the 32 px samples (the cpu_demo recipe does the rest).

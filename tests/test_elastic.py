@@ -9,17 +9,14 @@ distinct nodes. Training runs on the CPU: no fake GPUs are needed. The driver is
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import FAST, ROOT, launch_cmd
+from conftest import FAST, ROOT, launch_cmd, watch
 
 pytestmark = pytest.mark.ray
 
@@ -50,25 +47,6 @@ def train_args(data: Path, storage: Path, cluster, *extra: str) -> list[str]:
         "train", *FAST, "--data", data, "--storage", storage, "--name", "elastic", "--address", cluster.address,
         "--worker-resources", "slot=1", "--log-every", "1", "--max-failures", "3", *extra,
     )  # fmt: skip
-
-
-def watch(
-    cmd: list[str], actions: list[tuple[str, Callable[[str, subprocess.Popen], None]]], timeout: float = 600
-) -> tuple[int, str]:
-    """Run the driver; when a line holds the next marker, run its action (line, driver process). Returns (status, output)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines, deadline = [], time.time() + timeout
-    for line in proc.stdout:
-        lines.append(line)
-        while actions and actions[0][0] in line:
-            actions.pop(0)[1](line, proc)
-        if time.time() > deadline:
-            proc.kill()
-            break
-    status = proc.wait()
-    assert not actions, f"never saw {actions[0][0]!r}:\n{''.join(lines)[-4000:]}"
-    return status, "".join(lines)
 
 
 def _history(storage: Path) -> list[dict]:

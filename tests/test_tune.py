@@ -1,10 +1,11 @@
 """`launch.py tune` on a real local Ray: trials are Ray Train runs on the CPU sample, tracked in MLflow."""
 
 import csv
+import signal
 
 import pytest
 import yaml
-from conftest import FAST, ROOT, launch
+from conftest import FAST, ROOT, launch, launch_cmd, watch
 
 pytestmark = pytest.mark.ray
 
@@ -101,3 +102,34 @@ def test_pbt_restarts_a_weak_trial_from_a_better_one_with_perturbed_hyperparamet
     assert lrs and lrs[-1] == float(weak["optim.lr_per_256"])
     val = store.get_metric_history(run.info.run_id, "val/loss")
     assert val[-1].value < 10 and max(m.value for m in val) > 10  # wrecked, then the strong trial's lineage
+
+
+def test_an_optuna_search_interrupted_and_resumed_runs_each_trial_once(tiny_data, tmp_path):
+    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    space.update(search="optuna", num_samples=3, max_concurrent_trials=1, scheduler="fifo")
+    space["base"]["schedule"] = {"epochs": 1, "warmup_epochs": 0}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    runs = tmp_path / "runs"
+    args = launch_cmd("tune", "--space", path, *FAST, "--data", tiny_data, "--storage", runs, "--name", "opt")
+    status, out = watch(args, [("completed after", lambda _, driver: driver.send_signal(signal.SIGINT))])  # Ctrl-C
+    assert status == 130, out[-4000:]
+    assert f"trials done; continue it with: python launch.py tune --resume opt --storage {runs}" in out
+    before = [r["trial"] for r in csv.DictReader((runs / "opt" / "results.csv").open()) if r["status"] == "FINISHED"]
+    assert 1 <= len(before) < 3, before
+
+    again = launch("tune", "--resume", "opt", *FAST, "--data", tiny_data, "--storage", runs)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    rows = list(csv.DictReader((runs / "opt" / "results.csv").open()))
+    assert len(rows) == 3 and all(r["status"] == "FINISHED" for r in rows), rows
+    assert set(before) <= {r["trial"] for r in rows}
+    assert not [t for t in before if f"run 'trial_{t}'" in again.stdout]  # finished trials did not train again
+    assert len({r["optim.lr_per_256"] for r in rows}) == 3  # Optuna proposed three points
+
+    from mlflow import MlflowClient
+
+    store = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    found = store.search_runs([store.get_experiment_by_name("rn50-ray").experiment_id])
+    parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same parent, reopened and closed
+    assert sorted(r.info.run_name for r in found if r not in parents) == sorted(f"trial_{r['trial']}" for r in rows)

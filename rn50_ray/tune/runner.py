@@ -13,6 +13,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import posixpath
 import tempfile
@@ -350,6 +351,7 @@ def run_search(space: Space, cfg: Config, *, name: str, storage: str, resume: bo
                 "epochs": cfg.schedule.epochs,
             },
             tune_config=ray.tune.TuneConfig(
+                trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",  # not the whole config in a name
                 metric=space.metric,
                 mode=space.mode,
                 num_samples=space.num_samples,
@@ -368,6 +370,10 @@ def run_search(space: Space, cfg: Config, *, name: str, storage: str, resume: bo
     rows = results_table(results, space)
     write_run_file(search_dir, "results.csv", to_csv(rows))
     summary: dict[str, Any] = {"search_dir": search_dir, "rows": rows, "errors": results.num_errors}
+    # Tune returns normally after Ctrl-C; trials missing or cut short (no scheduler stops a FIFO trial) say so.
+    expected = space.num_samples * math.prod(len(args) for dist, args in space.params.values() if dist == "grid")
+    cut_short = [r for r in rows if space.scheduler["type"] == "fifo" and r["status"] == "STOPPED"]
+    summary.update(interrupted=len(rows) < expected or bool(cut_short), done=len(rows) - len(cut_short), expected=expected)
     finished = [r for r in rows if r[space.metric] is not None]
     if finished:
         best = results.get_best_result(space.metric, space.mode, scope="last")
@@ -378,7 +384,7 @@ def run_search(space: Space, cfg: Config, *, name: str, storage: str, resume: bo
             best=rows[0], best_config=f"{search_dir}/best_config.yaml", best_checkpoint=best.metrics.get("checkpoint_path")
         )
     if parent:
-        _close_parent(parent, rows, summary, space)
+        _close_parent(parent, rows, summary, space, "KILLED" if summary["interrupted"] else "FINISHED")
     return summary
 
 
@@ -401,7 +407,7 @@ def _parent_run(cfg: Config, space: Space, name: str, search_dir: str, read_file
     return tracked
 
 
-def _close_parent(parent, rows: list[dict[str, Any]], summary: dict[str, Any], space: Space) -> None:
+def _close_parent(parent, rows: list[dict[str, Any]], summary: dict[str, Any], space: Space, status: str) -> None:
     import tempfile
 
     from mlflow import MlflowClient
@@ -417,7 +423,7 @@ def _close_parent(parent, rows: list[dict[str, Any]], summary: dict[str, Any], s
         plot = _trials_plot(rows, space, Path(tmp) / "trials.png")
         if plot:
             client.log_artifact(parent.run_id, str(plot))
-    client.set_terminated(parent.run_id, "FINISHED")
+    client.set_terminated(parent.run_id, status)  # KILLED when interrupted: --resume reopens it
 
 
 def _trials_plot(rows: list[dict[str, Any]], space: Space, out: Path) -> Path | None:
