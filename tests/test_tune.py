@@ -133,3 +133,19 @@ def test_an_optuna_search_interrupted_and_resumed_runs_each_trial_once(tiny_data
     parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same parent, reopened and closed
     assert sorted(r.info.run_name for r in found if r not in parents) == sorted(f"trial_{r['trial']}" for r in rows)
+
+
+def test_a_failing_trial_is_retried_and_never_stops_the_search(tiny_data, tmp_path):
+    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    space.update(search="grid", num_samples=1, scheduler="fifo", max_trial_failures=1)
+    space["params"] = {"batch.per_worker": {"grid": [0, 16]}}  # 0 fails in the trial, when its config is built
+    space["base"]["schedule"] = {"epochs": 1, "warmup_epochs": 0}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    out = launch("tune", "--space", path, *FAST, "--data", tiny_data, "--storage", tmp_path / "runs", "--name", "f")
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    rows = {r["batch.per_worker"]: r for r in csv.DictReader((tmp_path / "runs" / "f" / "results.csv").open())}
+    assert rows["16"]["status"] == "FINISHED" and rows["0"]["status"] == "ERROR", rows
+    failed = rows["0"]["trial"]
+    assert out.stdout.count(f"Trial train_trial_{failed} errored") == 2  # the first try and one retry
+    assert "1 trial(s) failed; see the table" in out.stdout

@@ -29,7 +29,7 @@ import yaml
 from ray.util.queue import Empty, Queue
 
 from rn50_ray.config import Config, flatten, load_config
-from rn50_ray.errors import UserError
+from rn50_ray.errors import ConfigError, UserError
 from rn50_ray.tracking import RUN_FILE
 from rn50_ray.tune.spaces import Space
 
@@ -193,8 +193,14 @@ class CloseStoppedTrials(ray.tune.Callback):
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self._close(trial, "FAILED")
 
+    def _close(self, trial, status: str) -> None:
+        try:
+            self._end_run(trial, status)
+        except Exception as e:  # never the search's end; the trial's metrics are in its run folder either way
+            print(f"tracking: could not close the MLflow run of trial {trial.trial_id} ({type(e).__name__}: {e})", flush=True)
+
     @staticmethod
-    def _close(trial, status: str) -> None:
+    def _end_run(trial, status: str) -> None:
         from mlflow import MlflowClient
 
         from rn50_ray import tracking
@@ -202,25 +208,25 @@ class CloseStoppedTrials(ray.tune.Callback):
 
         config, first = trial.config, f"trial_{trial.trial_id}"
         segment = read_run_file(f"{config['trials_dir']}/{first}", SEGMENT_FILE) or first
-        cfg = trial_config(config["base"], config["params"], config["trials_dir"], segment, "")
+        try:
+            cfg = trial_config(config["base"], config["params"], config["trials_dir"], segment, "")
+        except ConfigError:
+            return  # its params make no valid config: it failed before it had a run
         known = read_run_file(run_uri(cfg), tracking.RUN_FILE)
         if not known:
             return
         tracked = tracking.TrackedRun.from_json(known)
-        try:
-            client = MlflowClient(tracked.uri)
-            if client.get_run(tracked.run_id).info.status != "RUNNING":
-                return
-            epoch = (trial.last_result or {}).get("epoch", 0)
-            if status == "KILLED" and epoch >= config["epochs"]:  # stopped at its last rung: it did finish
-                log_run_results(cfg, tracked, best_checkpoint(run_uri(cfg)))
-                client.set_terminated(tracked.run_id, "FINISHED")
-                return
-            log_run_results(cfg, tracked, None)
-            client.set_tag(tracked.run_id, "rn50.stopped", f"by the search at epoch {epoch}" if status == "KILLED" else "crashed")
-            client.set_terminated(tracked.run_id, status)
-        except Exception as e:  # the search goes on; the trial's metrics are in its run folder either way
-            print(f"tracking: could not close the MLflow run of trial {trial.trial_id} ({type(e).__name__}: {e})", flush=True)
+        client = MlflowClient(tracked.uri)
+        if client.get_run(tracked.run_id).info.status != "RUNNING":
+            return
+        epoch = (trial.last_result or {}).get("epoch", 0)
+        if status == "KILLED" and epoch >= config["epochs"]:  # stopped at its last rung: it did finish
+            log_run_results(cfg, tracked, best_checkpoint(run_uri(cfg)))
+            client.set_terminated(tracked.run_id, "FINISHED")
+            return
+        log_run_results(cfg, tracked, None)
+        client.set_tag(tracked.run_id, "rn50.stopped", f"by the search at epoch {epoch}" if status == "KILLED" else "crashed")
+        client.set_terminated(tracked.run_id, status)
 
 
 def _scheduler(space: Space, epochs: int):
