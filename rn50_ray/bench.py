@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 import torch
 
-from rn50_ray.core.loop import Trainer, use_channels_last
+from rn50_ray.core.loop import Trainer, sync_device, use_channels_last
 from rn50_ray.core.recipe import plan_batches
 from rn50_ray.core.step import eval_step
 from rn50_ray.data import Shard, make_loaders
@@ -40,11 +40,6 @@ def _cpu_seconds() -> float:
     return total
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _batches(train, steps: int):
     epoch = 0
     while True:
@@ -61,13 +56,13 @@ def _timed(run: Callable[[], Any], device: torch.device, warmup: int, steps: int
     ends, so the host queues work ahead as in training."""
     for _ in range(warmup):
         run()
-    _sync(device)
+    sync_device(device)
     times = []
     for _ in range(max(steps // window, 1)):
         t = time.perf_counter()
         for _ in range(window):
             run()
-        _sync(device)
+        sync_device(device)
         times.append((time.perf_counter() - t) / window)
     return times
 

@@ -99,6 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"(best top1 {summary.get('best_top1', 0):.2f}%), resizes {summary.get('resizes', 0)}"
     )
     print(line)
+    if summary.get("startup_s"):
+        print(f"startup: {summary['startup_s']:.1f} s from launch to the first finished training step")
     print(f"run folder: {summary['run_uri']}")
     if summary.get("checkpoint"):
         print(f"latest checkpoint: {summary['checkpoint']}")

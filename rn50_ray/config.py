@@ -67,6 +67,10 @@ class DataConfig:
         check=(lambda v: 0 < v <= 1, "a number in (0, 1]"),
     )
     loader_workers: int = _opt(4, "DataLoader processes (or DALI threads) per Ray worker", check=NON_NEGATIVE)
+    prefetch: int = _opt(
+        2, "batches prepared ahead (DALI prefetch_queue_depth, DataLoader prefetch_factor); 1 turns it off", check=POSITIVE
+    )
+    pin_memory: bool = _opt(True, "pinned host memory, so copies to the GPU overlap compute (pytorch backend)")
     synthetic_samples: int = _opt(12800, "train images per epoch of the synthetic backend", check=POSITIVE)
     skip_bad_images: bool = _opt(False, "skip undecodable images (and count them) instead of failing")
     screen_images: bool = _opt(True, "check every image file on the driver before training, so bad files are named up front")

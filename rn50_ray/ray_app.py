@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pyarrow.fs as pafs
 import ray
 import ray.train
@@ -387,6 +388,8 @@ def run_training(cfg: Config, *, callbacks: list | None = None, bad_files: list[
             ray.get(sink.close.remote(status))
     summary = dict(result.return_value or {})
     summary["run_uri"] = uri
+    if summary.get("first_step_unix"):  # from this process's start: imports, Ray, workers, data, model
+        summary["startup_s"] = summary["first_step_unix"] - psutil.Process().create_time()
     latest = result.checkpoint if hasattr(result, "checkpoint") else None
     summary["checkpoint"] = latest.path if latest else None
     summary["best_checkpoint"] = best_checkpoint(uri)

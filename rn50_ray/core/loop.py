@@ -15,8 +15,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
 from rn50_ray.core import recipe
 from rn50_ray.core.context import TrainContext, jsonl
@@ -33,6 +31,10 @@ def use_channels_last(memory_format: str, device: torch.device) -> bool:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, num_classes: int, precision: Precision, device: torch.device) -> dict[str, float]:
     """Top-1, top-5 (in %) and loss over this rank's batches, summed over all ranks by torchmetrics."""
+    # Imported here: torchmetrics costs about a second at import, in every worker's startup.
+    from torchmetrics import MeanMetric
+    from torchmetrics.classification import MulticlassAccuracy
+
     was_training = model.training
     model.eval()
     top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro").to(device)
@@ -134,6 +136,11 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def sync_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> list[float]:
     t = torch.as_tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -179,6 +186,7 @@ def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, An
     preempt_saved, checkpoint_now, last_report_s = False, False, 0.0
     val: dict[str, float] = {}
     summary: dict[str, Any] = {}
+    first_step_unix = None  # wall clock at the end of this start's first step: the startup figure
     while progress.epoch < cfg.schedule.epochs:
         epoch = progress.epoch
         t_epoch = t_mark = time.perf_counter()
@@ -204,6 +212,9 @@ def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, An
                 trainer.ema.update_parameters(trainer.model)
             progress.step += 1
             progress.step_in_epoch += 1
+            if first_step_unix is None:
+                sync_device(device)  # once per start, so the figure means a finished step on a GPU too
+                first_step_unix = time.time()
             loss_sum += loss
             epoch_loss += loss
             interval_steps += 1
@@ -296,6 +307,7 @@ def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, An
             "best_top1": progress.best_top1,
             "resizes": len(progress.resizes),
             "finished": progress.epoch >= cfg.schedule.epochs,
+            "first_step_unix": first_step_unix,
         }
         if cfg.run.stop_after_epochs and epochs_this_run >= cfg.run.stop_after_epochs:
             if progress.epoch < cfg.schedule.epochs:

@@ -150,6 +150,7 @@ def make_loaders(
             gpu=gpu,
             nhwc=channels_last,
             threads=max(data_cfg.loader_workers, 1),
+            prefetch=data_cfg.prefetch,
         )
         train = dali.DaliTrain(
             train_split, per_rank=per_rank, steps=steps, area_min=data_cfg.crop_area_min, fp16=fp16_input, seed=seed, **common
@@ -158,7 +159,7 @@ def make_loaders(
         return Loaders(train, val, *sizes, notes, excluded, backend)
     from rn50_ray.data import pytorch as tp
 
-    pin = shard.device.type == "cuda"
+    pin = shard.device.type == "cuda" and data_cfg.pin_memory
     normalize = DeviceNormalizer(shard.device, channels_last)
     tsampler = tp.ShardSampler(len(train_split), shard.rank, shard.world_size, per_rank, steps, seed, shuffle=True)
     vsampler = tp.ShardSampler(len(val_split), shard.rank, shard.world_size, per_rank, 0, seed, shuffle=False)
@@ -171,6 +172,7 @@ def make_loaders(
         workers,
         pin,
         data_cfg.skip_bad_images,
+        data_cfg.prefetch,
     )
     val = tp.make_loader(
         val_split,
@@ -180,5 +182,6 @@ def make_loaders(
         workers,
         pin,
         data_cfg.skip_bad_images,
+        data_cfg.prefetch,
     )
     return Loaders(TorchTrain(train, tsampler, normalize, steps), TorchVal(val, normalize), *sizes, notes, excluded, backend)

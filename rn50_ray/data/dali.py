@@ -144,9 +144,11 @@ class DaliTrain:
         nhwc: bool,
         threads: int,
         seed: int,
+        prefetch: int = 2,
         hw_decoder_load: float = 0.65,
     ):
         self.files, self.labels = _lists(split)
+        self.prefetch = prefetch
         self.split = split
         self.kw = dict(
             shard_id=rank,
@@ -175,7 +177,7 @@ class DaliTrain:
             seed=self.seed * 10_007 + epoch * 101 + self.rank,
             enable_checkpointing=True,
             checkpoint=checkpoint,
-            prefetch_queue_depth=2,
+            prefetch_queue_depth=self.prefetch,
             **self.kw,
         )
         with _bad_file_errors(self.split):
@@ -217,6 +219,7 @@ class DaliVal:
         fp16: bool,
         nhwc: bool,
         threads: int,
+        prefetch: int = 2,
     ):
         files, labels = _lists(split)
         pipe = val_pipeline(
@@ -224,6 +227,7 @@ class DaliVal:
             labels,
             batch_size=batch,
             num_threads=threads,
+            prefetch_queue_depth=prefetch,
             device_id=device.index if gpu else None,
             shard_id=rank,
             num_shards=world,

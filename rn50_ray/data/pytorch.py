@@ -118,7 +118,14 @@ def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def make_loader(
-    split: Split, transform: v2.Compose, sampler: ShardSampler, batch: int, workers: int, pin: bool, skip_bad: bool
+    split: Split,
+    transform: v2.Compose,
+    sampler: ShardSampler,
+    batch: int,
+    workers: int,
+    pin: bool,
+    skip_bad: bool,
+    prefetch: int = 2,
 ) -> DataLoader:
     return DataLoader(
         FolderDataset(split, transform, skip_bad),
@@ -128,5 +135,5 @@ def make_loader(
         collate_fn=collate_skipping_bad,
         pin_memory=pin,
         persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=prefetch if workers > 0 else None,
     )
