@@ -104,14 +104,15 @@ def test_pbt_restarts_a_weak_trial_from_a_better_one_with_perturbed_hyperparamet
     assert val[-1].value < 10 and max(m.value for m in val) > 10  # wrecked, then the strong trial's lineage
 
 
-def test_an_optuna_search_interrupted_and_resumed_runs_each_trial_once(tiny_data, tmp_path):
+def test_an_optuna_search_interrupted_and_resumed_runs_each_trial_once(tiny_data, tmp_path, server):
     space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
     space.update(search="optuna", num_samples=3, max_concurrent_trials=1, scheduler="fifo")
     space["base"]["schedule"] = {"epochs": 1, "warmup_epochs": 0}
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space))
     runs = tmp_path / "runs"
-    args = launch_cmd("tune", "--space", path, *FAST, "--data", tiny_data, "--storage", runs, "--name", "opt")
+    tracking = ("--mlflow-uri", server.uri, "--experiment", "tune-resume")  # the real server; --resume reads it back
+    args = launch_cmd("tune", "--space", path, *FAST, "--data", tiny_data, "--storage", runs, "--name", "opt", *tracking)
     status, out = watch(args, [("completed after", lambda _, driver: driver.send_signal(signal.SIGINT))])  # Ctrl-C
     assert status == 130, out[-4000:]
     assert f"trials done; continue it with: python launch.py tune --resume opt --storage {runs}" in out
@@ -128,10 +129,11 @@ def test_an_optuna_search_interrupted_and_resumed_runs_each_trial_once(tiny_data
 
     from mlflow import MlflowClient
 
-    store = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
-    found = store.search_runs([store.get_experiment_by_name("rn50-ray").experiment_id])
+    store = MlflowClient(server.uri)
+    found = store.search_runs([store.get_experiment_by_name("tune-resume").experiment_id])
     parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same parent, reopened and closed
+    assert parents[0].data.tags["best_trial"] == rows[0]["trial"]
     assert sorted(r.info.run_name for r in found if r not in parents) == sorted(f"trial_{r['trial']}" for r in rows)
 
 

@@ -334,6 +334,9 @@ def run_search(space: Space, cfg: Config, *, name: str, storage: str, resume: bo
     search_dir = os.path.abspath(os.path.join(storage, name)) if "://" not in storage else f"{storage.rstrip('/')}/{name}"
     if not resume and read_run_file(search_dir, "space.yaml") is not None:
         raise UserError(f"tune: a search named {name!r} exists in {storage}; pass --resume {name}, or a new --name")
+    saved = read_run_file(search_dir, "base_config.yaml") if resume else None
+    if saved:  # the search's own config (data, tracking store), whatever this command line says
+        cfg = Config.from_dict(yaml.safe_load(saved), source=f"{search_dir}/base_config.yaml")
     bad_files = precheck_data(cfg)
     connect(cfg)
     check_cluster(space)
