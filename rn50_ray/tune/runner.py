@@ -56,12 +56,12 @@ def train_trial(config: dict[str, Any]) -> None:
     It then trains on as a new segment of itself (its own Train run folder, `trial_<id>.pbt-<hash>`),
     starting from that checkpoint with its own LR schedule and momentum (`run.init_from`), and the
     same MLflow run, where the change shows as `hp/<key>` metrics and a tag."""
-    from rn50_ray.ray_app import run_training
+    from rn50_ray.ray_app import has_checkpoint, run_training
 
     trial_id = ray.tune.get_context().get_trial_id()
     segment, init_from = _segment(config, trial_id, _tune_start())
     cfg = trial_config(config["base"], config["params"], config["trials_dir"], segment, config["parent_run"], init_from)
-    if init_from:
+    if init_from and not has_checkpoint(cfg):  # once per exploit, not again when its segment restarts
         _note_exploit(cfg, config, trial_id, init_from)
     callback = ReportToTrial()
     outcome: dict[str, Any] = {}
