@@ -2,6 +2,7 @@
 
 import csv
 import signal
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,17 +11,25 @@ from conftest import FAST, ROOT, launch, launch_cmd, watch
 pytestmark = pytest.mark.ray
 
 
+def smoke_space(tmp_path: Path, epochs: int | None = None, **keys) -> Path:
+    """tune_spaces/smoke.yaml with some top-level keys replaced (and its trials' epochs), written for one test."""
+    space = {**yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text()), **keys}
+    if epochs is not None:
+        space["base"] = {"schedule": {"epochs": epochs, "warmup_epochs": 0}}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
 def test_asha_search_stops_weak_trials_and_names_the_best(tiny_data, tmp_path):
-    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
     # Deterministic on purpose: two sane LRs start first (2 at a time, grid order), so one of them sets ASHA's
     # cutoff at epoch 1 before the two huge LRs get there; those blow val loss up tenfold and must stop early.
     # Val loss, not top-1: 12 steps on the tiny set leave top-1 near chance, where ties would hide the cut.
-    space.update(metric="val/loss", mode="min", search="grid", num_samples=1)
-    space["params"] = {"optim.lr_per_256": {"grid": [0.05, 0.1, 1.5, 2.0]}}
-    space["scheduler"] = {"type": "asha", "grace_period": 1, "reduction_factor": 3}
-    space["base"]["schedule"] = {"epochs": 3, "warmup_epochs": 0}
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(space))
+    path = smoke_space(
+        tmp_path, 3, metric="val/loss", mode="min", search="grid", num_samples=1,
+        params={"optim.lr_per_256": {"grid": [0.05, 0.1, 1.5, 2.0]}},
+        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 3},
+    )  # fmt: skip
     out = launch("tune", "--space", path, *FAST, "--data", tiny_data, "--storage", tmp_path / "runs", "--name", "asha")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     search = tmp_path / "runs" / "asha"
@@ -55,10 +64,7 @@ def test_asha_search_stops_weak_trials_and_names_the_best(tiny_data, tmp_path):
 
 
 def test_a_trial_bigger_than_the_cluster_fails_before_any_trial(tiny_data, tmp_path):
-    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
-    space["resources"] = {"workers": "8"}
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(space))
+    path = smoke_space(tmp_path, resources={"workers": "8"})
     out = launch("tune", "--space", path, *FAST, "--data", tiny_data, "--storage", tmp_path / "runs")
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
@@ -67,16 +73,15 @@ def test_a_trial_bigger_than_the_cluster_fails_before_any_trial(tiny_data, tmp_p
 
 
 def test_pbt_restarts_a_weak_trial_from_a_better_one_with_perturbed_hyperparameters(tiny_data, tmp_path):
-    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
-    space.update(metric="val/loss", mode="min", search="grid", num_samples=1)
-    space["params"] = {"optim.lr_per_256": {"grid": [0.05, 2.0]}}  # 2.0 blows val loss up: it must exploit 0.05
     mutations = {"optim.lr_per_256": [0.04, 0.05, 0.06]}  # no resampling: explore moves 0.05 to a neighbour
-    space["scheduler"] = {
-        "type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5, "resample_probability": 0.0, "mutations": mutations,
-    }  # fmt: skip
-    space["base"]["schedule"] = {"epochs": 3, "warmup_epochs": 0}
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(space))
+    path = smoke_space(
+        tmp_path, 3, metric="val/loss", mode="min", search="grid", num_samples=1,
+        params={"optim.lr_per_256": {"grid": [0.05, 2.0]}},  # 2.0 blows val loss up: it must exploit 0.05
+        scheduler={
+            "type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5, "resample_probability": 0.0,
+            "mutations": mutations,
+        },
+    )  # fmt: skip
     out = launch("tune", "--space", path, *FAST, "--data", tiny_data, "--storage", tmp_path / "runs", "--name", "pbt")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     search = tmp_path / "runs" / "pbt"
@@ -105,11 +110,7 @@ def test_pbt_restarts_a_weak_trial_from_a_better_one_with_perturbed_hyperparamet
 
 
 def test_an_optuna_search_interrupted_and_resumed_runs_each_trial_once(tiny_data, tmp_path, server):
-    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
-    space.update(search="optuna", num_samples=3, max_concurrent_trials=1, scheduler="fifo")
-    space["base"]["schedule"] = {"epochs": 1, "warmup_epochs": 0}
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(space))
+    path = smoke_space(tmp_path, 1, search="optuna", num_samples=3, max_concurrent_trials=1, scheduler="fifo")
     runs = tmp_path / "runs"
     tracking = ("--mlflow-uri", server.uri, "--experiment", "tune-resume")  # the real server; --resume reads it back
     args = launch_cmd("tune", "--space", path, *FAST, "--data", tiny_data, "--storage", runs, "--name", "opt", *tracking)
@@ -138,12 +139,10 @@ def test_an_optuna_search_interrupted_and_resumed_runs_each_trial_once(tiny_data
 
 
 def test_a_failing_trial_is_retried_and_never_stops_the_search(tiny_data, tmp_path):
-    space = yaml.safe_load((ROOT / "tune_spaces" / "smoke.yaml").read_text())
-    space.update(search="grid", num_samples=1, scheduler="fifo", max_trial_failures=1)
-    space["params"] = {"batch.per_worker": {"grid": [0, 16]}}  # 0 fails in the trial, when its config is built
-    space["base"]["schedule"] = {"epochs": 1, "warmup_epochs": 0}
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(space))
+    path = smoke_space(
+        tmp_path, 1, search="grid", num_samples=1, scheduler="fifo", max_trial_failures=1,
+        params={"batch.per_worker": {"grid": [0, 16]}},  # 0 fails in the trial, when its config is built
+    )  # fmt: skip
     out = launch("tune", "--space", path, *FAST, "--data", tiny_data, "--storage", tmp_path / "runs", "--name", "f")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     rows = {r["batch.per_worker"]: r for r in csv.DictReader((tmp_path / "runs" / "f" / "results.csv").open())}
