@@ -84,7 +84,7 @@ class RayContext:
         # write the same temporary folder (to_directory() does, and a rank then reads half a file).
         ckpt = ray.train.get_checkpoint()
         if ckpt is None and self.init_from:  # this run has none of its own yet: start from the other run's
-            fs, path = pafs.FileSystem.from_uri(self.init_from) if "://" in self.init_from else (None, self.init_from)
+            fs, path = run_filesystem(self.init_from)
             ckpt, self.from_init = ray.train.Checkpoint(path, filesystem=fs), True
         if ckpt is None:
             yield None

@@ -119,8 +119,8 @@ def _segment(config: dict[str, Any], trial_id: str, start: str | None) -> tuple[
     from rn50_ray.ray_app import read_run_file, write_run_file
 
     trials, first = config["trials_dir"], f"trial_{trial_id}"
-    current = read_run_file(f"{trials}/{first}", SEGMENT_FILE) or first
-    if start is None or posixpath.basename(posixpath.dirname(start.rstrip("/"))) == current:
+    current = _current_segment(trials, trial_id)
+    if start is None or _run_name(start) == current:
         return current, ""  # a first start, or a restart of its own: Train resumes its own latest checkpoint
     segment = f"{first}.pbt-{hashlib.sha1(start.encode()).hexdigest()[:8]}"
     if segment != current:
@@ -129,6 +129,19 @@ def _segment(config: dict[str, Any], trial_id: str, start: str | None) -> tuple[
         if mlflow_run:  # the segment continues the trial's MLflow run
             write_run_file(f"{trials}/{segment}", RUN_FILE, mlflow_run)
     return segment, _existing_checkpoint(start)
+
+
+def _current_segment(trials_dir: str, trial_id: str) -> str:
+    """The Train run a trial trains in now: its first, or the PBT segment it was last restarted into."""
+    from rn50_ray.ray_app import read_run_file
+
+    first = f"trial_{trial_id}"
+    return read_run_file(f"{trials_dir}/{first}", SEGMENT_FILE) or first
+
+
+def _run_name(checkpoint: str) -> str:
+    """The run folder's name of a checkpoint path (.../trial_x/checkpoint_... -> trial_x)."""
+    return posixpath.basename(posixpath.dirname(checkpoint.rstrip("/")))
 
 
 def _existing_checkpoint(path: str) -> str:
@@ -152,7 +165,7 @@ def _note_exploit(cfg: Config, config: dict[str, Any], trial_id: str, init_from:
 
     known = read_run_file(run_uri(cfg), RUN_FILE)
     step = checkpoint_step(init_from)
-    donor = posixpath.basename(posixpath.dirname(init_from.rstrip("/")))
+    donor = _run_name(init_from)
     print(f"tune: trial {trial_id} continues from {donor} at step {step} with {config['params']}", flush=True)
     if not known:
         return
@@ -206,8 +219,8 @@ class CloseStoppedTrials(ray.tune.Callback):
         from rn50_ray import tracking
         from rn50_ray.ray_app import best_checkpoint, log_run_results, read_run_file, run_uri
 
-        config, first = trial.config, f"trial_{trial.trial_id}"
-        segment = read_run_file(f"{config['trials_dir']}/{first}", SEGMENT_FILE) or first
+        config = trial.config
+        segment = _current_segment(config["trials_dir"], trial.trial_id)
         try:
             cfg = trial_config(config["base"], config["params"], config["trials_dir"], segment, "")
         except ConfigError:
