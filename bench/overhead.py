@@ -3,52 +3,83 @@
 1. Steady-state training img/s of a bare single-process PyTorch loop (torchvision ResNet50, torch.optim.SGD,
    cross entropy, one synthetic batch served every step) against `launch.py train` with one Ray worker on
    the same model, batch, image size and threads (the synthetic backend serves one batch every step too).
-   Rounds alternate between the two, so drift on a noisy machine hits both.
+   The bare loop uses the SGD kernel `launch.py train` picks (fused; `--bare-sgd default` for torch's own
+   default), so the ratio is the framework's cost alone.
+
+   Both run at once and take turns: while one trains, the other is stopped (SIGSTOP), for `--phase-s`
+   seconds each, `--phases` times. For the Ray side the whole process tree is stopped (driver, GCS,
+   raylet, Ray Train's actors and the worker), so Ray's own processes cost only the Ray side. Only the
+   img/s windows that lie wholly inside a turn count. A 2-core VM's speed drifts by 10-20% over tens of
+   seconds; turns of a few seconds put both sides under the same drift, where separate runs did not.
 2. Startup: seconds from starting the process to the end of the first training step, for `launch.py train`
    and for a bare TorchTrainer that trains the same model with the same workers.
 
-    python bench/overhead.py [--image-size 32] [--batch 32] [--steps 60] [--threads 2] [--rounds 2] [--json]
+    python bench/overhead.py [--image-size 32] [--batch 32] [--phase-s 12] [--phases 8] [--threads 2]
+                             [--bare-sgd fused|default] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent
-INTERVAL = re.compile(r"epoch (\d+)/\d+ step \d+/\d+ loss \S+ lr \S+ img/s ([\d.]+)")
+INTERVAL = re.compile(r"epoch \d+/\d+ step \d+/\d+ loss \S+ lr \S+ img/s ([\d.]+)")
+WINDOW = re.compile(r"window img/s ([\d.]+)")
 FIRST_STEP = re.compile(r"first step at ([\d.]+)")
+LATENCY_S = 1.0  # a Ray worker's line reaches the driver's stdout up to this late
 
-# A bare loop and a bare TorchTrainer, written plainly on purpose: they are the baselines.
-BARE_LOOP = """
+# The baselines, written plainly on purpose: a bare loop, the same loop in a bare TorchTrainer, and a
+# bare TorchTrainer that takes one step (for startup).
+BARE_STEPS = """
 import sys, time, torch, torch.nn.functional as F, torchvision
-size, batch, steps, window, threads = map(int, sys.argv[1:6])
-torch.set_num_threads(threads)
-torch.manual_seed(0)
-model = torchvision.models.resnet50(num_classes=1000)
-opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.875, weight_decay=3.0517578125e-05)
-images, labels = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
-model.train()
-t = time.perf_counter()
-for i in range(1, steps + 1):
-    loss = F.cross_entropy(model(images), labels, label_smoothing=0.1)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    if i % window == 0:
-        loss.item()
-        now = time.perf_counter()
-        print(f"window img/s {window * batch / (now - t):.3f}", flush=True)
-        t = now
-"""
 
+def train(size, batch, window, threads, sgd):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=1000)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.875, weight_decay=3.0517578125e-05,
+                          fused=sgd == "fused" or None)
+    images, labels = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
+    model.train()
+    t = time.perf_counter()
+    for i in range(1, 10**9):
+        loss = F.cross_entropy(model(images), labels, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i % window == 0:
+            loss.item()
+            now = time.perf_counter()
+            print(f"window img/s {window * batch / (now - t):.3f}", flush=True)
+            t = now
+
+args = [*map(int, sys.argv[1:5]), sys.argv[5]]
+"""
+BARE_LOOP = BARE_STEPS + "train(*args)\n"
+BARE_TORCHTRAINER_LOOP = (
+    BARE_STEPS
+    + """
+import os, ray, ray.train
+from ray.train.torch import TorchTrainer
+os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # as launch.py: worker prints reach the console once
+ray.init()
+TorchTrainer(lambda config: train(*args), scaling_config=ray.train.ScalingConfig(
+    num_workers=1, resources_per_worker={"CPU": args[3]}), run_config=ray.train.RunConfig(storage_path=sys.argv[6])).fit()
+"""
+)
 BARE_TORCHTRAINER = """
 import sys, time, ray, ray.train, ray.train.torch
 from ray.train.torch import TorchTrainer
@@ -71,6 +102,104 @@ TorchTrainer(train_fn, scaling_config=ray.train.ScalingConfig(num_workers=worker
 """
 
 
+class Side:
+    """One process tree whose img/s lines are read with their arrival times, and which can be paused."""
+
+    def __init__(self, name: str, cmd: list[str], pattern: re.Pattern):
+        self.name, self.pattern = name, pattern
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[tuple[float, str]] = []
+        self.turns: list[tuple[float, float]] = []  # (start, end) of each turn, time.monotonic()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic(), line))
+
+    def windows(self) -> list[tuple[float, float]]:
+        return [(t, float(m[1])) for t, line in self.lines if (m := self.pattern.search(line))]
+
+    def wait_for_windows(self, n: int, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.windows()) < n:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{self.name} stopped before training:\n" + "".join(line for _, line in self.lines)[-3000:])
+            time.sleep(0.2)
+
+    def signal(self, sig: int) -> None:
+        procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(sig)
+
+    def counted(self, images_per_window: int) -> list[list[float]]:
+        """Per turn, the img/s of the windows that lie wholly inside it."""
+        out = []
+        for start, end in self.turns:
+            inside = [v for t, v in self.windows() if start + LATENCY_S <= t - images_per_window / v and t <= end]
+            out.append(inside)
+        return out
+
+    def stop(self) -> None:
+        self.signal(signal.SIGCONT)
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait()
+
+
+def launch_train_cmd(opts, storage: str, workers: int, cpus: float, epochs: int, samples: int, name: str) -> list[str]:
+    return [
+        sys.executable, str(ROOT / "launch.py"), "train", "--recipe", "cpu_demo", "--backend", "synthetic",
+        "--image-size", str(opts.image_size), "--batch-size", str(opts.batch // workers), "--workers", str(workers),
+        "--cpus-per-worker", str(cpus), "--epochs", str(epochs), "--warmup-epochs", "0", "--log-every", str(opts.window),
+        "--set", f"batch.global_size={opts.batch}", "--set", f"data.synthetic_samples={samples}",
+        "--storage", storage, "--name", name, "--tracking", "off",
+    ]  # fmt: skip
+
+
+def steady_state(opts, storage: str) -> dict:
+    """The sides in turns; each figure is the median over the windows wholly inside its turns."""
+    bare_args = [*map(str, (opts.image_size, opts.batch, opts.window, opts.threads)), opts.bare_sgd]
+    starts = {
+        "bare loop": ([sys.executable, "-c", BARE_LOOP, *bare_args], WINDOW),
+        "bare TorchTrainer": ([sys.executable, "-c", BARE_TORCHTRAINER_LOOP, *bare_args, storage], WINDOW),
+        "launch.py train": (launch_train_cmd(opts, storage, 1, opts.threads, 1, 10**6 * opts.batch, "overhead"), INTERVAL),
+    }
+    sides: list[Side] = []
+    try:
+        for name, (cmd, pattern) in starts.items():  # one at a time: each starts alone, then waits stopped
+            sides.append(Side(name, cmd, pattern))
+            sides[-1].wait_for_windows(2)
+            sides[-1].signal(signal.SIGSTOP)
+        for _ in range(opts.phases):
+            for side in sides:
+                side.signal(signal.SIGCONT)
+                start = time.monotonic()
+                time.sleep(opts.phase_s)
+                side.signal(signal.SIGSTOP)
+                side.turns.append((start, time.monotonic()))
+    finally:
+        for side in sides:
+            side.stop()
+    turns = {side.name: side.counted(opts.window * opts.batch) for side in sides}
+    if any(sum(map(len, t)) < opts.phases for t in turns.values()):
+        raise SystemExit(f"too few whole windows in the turns ({turns}); raise --phase-s")
+
+    def ratios(name: str) -> list[float]:  # per round, against the bare loop's turn just before
+        pairs = zip(turns["bare loop"], turns[name], strict=True)
+        return [statistics.median(r) / statistics.median(b) for b, r in pairs if b and r]
+
+    return {
+        "img_per_s": {name: statistics.median(v for t in ts for v in t) for name, ts in turns.items()},
+        "windows_counted": {name: sum(map(len, ts)) for name, ts in turns.items()},
+        "turn_ratios": {name: ratios(name) for name in ("bare TorchTrainer", "launch.py train")},
+        "ratio_to_bare_loop": {name: statistics.median(ratios(name)) for name in ("bare TorchTrainer", "launch.py train")},
+    }
+
+
 def _run(cmd: list[str]) -> tuple[str, float]:
     t0 = time.time()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -79,35 +208,12 @@ def _run(cmd: list[str]) -> tuple[str, float]:
     return out.stdout + out.stderr, t0
 
 
-def bare_loop(opts) -> float:
-    text, _ = _run(
-        [sys.executable, "-c", BARE_LOOP, *map(str, (opts.image_size, opts.batch, opts.steps, opts.window, opts.threads))]
-    )
-    windows = [float(x) for x in re.findall(r"window img/s ([\d.]+)", text)]
-    return statistics.median(windows[1:])  # the first window warms up
-
-
-def launch_train(opts, storage: str, workers: int, cpus: float, epochs: int, steps: int, name: str) -> tuple[str, float]:
-    return _run([
-        sys.executable, str(ROOT / "launch.py"), "train", "--recipe", "cpu_demo", "--backend", "synthetic",
-        "--image-size", str(opts.image_size), "--batch-size", str(opts.batch // workers), "--workers", str(workers),
-        "--cpus-per-worker", str(cpus), "--epochs", str(epochs), "--warmup-epochs", "0", "--log-every", str(opts.window),
-        "--set", f"batch.global_size={opts.batch}", "--set", f"data.synthetic_samples={steps * opts.batch}",
-        "--storage", storage, "--name", name, "--tracking", "off",
-    ])  # fmt: skip
-
-
-def ray_worker(opts, storage: str, name: str) -> float:
-    text, _ = launch_train(opts, storage, 1, opts.threads, 2, opts.steps // 2, name)
-    ips = [float(m[2]) for m in INTERVAL.finditer(text)]
-    return statistics.median(ips[1:])  # same windows, the first warms up
-
-
 def startups(opts, storage: str) -> dict[str, float]:
-    text, t0 = launch_train(opts, storage, opts.startup_workers, opts.threads / opts.startup_workers, 1, 2, "startup")
+    workers = opts.startup_workers
+    text, _ = _run(launch_train_cmd(opts, storage, workers, opts.threads / workers, 1, 2 * opts.batch, "startup"))
     ours = float(re.search(r"startup: ([\d.]+) s", text)[1])
-    script = [sys.executable, "-c", BARE_TORCHTRAINER, str(opts.startup_workers), str(opts.image_size)]
-    text, t0 = _run([*script, str(opts.batch // opts.startup_workers), storage])
+    script = [sys.executable, "-c", BARE_TORCHTRAINER, str(workers), str(opts.image_size)]
+    text, t0 = _run([*script, str(opts.batch // workers), storage])
     return {"startup_launch_train_s": ours, "startup_bare_torchtrainer_s": float(FIRST_STEP.search(text)[1]) - t0}
 
 
@@ -115,37 +221,33 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=60, help="training steps per measurement (the Ray run: 2 epochs of half)")
-    p.add_argument("--window", type=int, default=10, help="steps per img/s figure")
+    p.add_argument("--phase-s", type=float, default=12.0, help="seconds of each turn")
+    p.add_argument("--phases", type=int, default=8, help="turns of each side")
+    p.add_argument("--window", type=int, default=5, help="steps per img/s figure (launch.py's --log-every)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (the Ray worker's CPUs)")
-    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--startup-workers", type=int, default=2)
+    p.add_argument("--bare-sgd", choices=("fused", "default"), default="fused", help="the bare loop's SGD kernel")
+    p.add_argument("--no-startup", action="store_true", help="measure the steady state only")
     p.add_argument("--json", action="store_true")
     opts = p.parse_args()
-    bare, ray_ = [], []
     with tempfile.TemporaryDirectory(prefix="rn50-overhead-") as storage:
-        for i in range(opts.rounds):
-            bare.append(bare_loop(opts))
-            ray_.append(ray_worker(opts, storage, f"overhead{i}"))
-        result = {
-            "bare_loop_img_per_s": statistics.median(bare),
-            "launch_train_1_worker_img_per_s": statistics.median(ray_),
-            "rounds_bare": bare,
-            "rounds_launch_train": ray_,
-        }
-        # Each round runs the two back to back: their ratio is steadier than either figure on a noisy machine.
-        result["round_ratios"] = [r / b for r, b in zip(ray_, bare, strict=True)]
-        result["ray_over_bare"] = statistics.median(result["round_ratios"])
-        result.update(startups(opts, storage))
-        result["startup_ratio"] = result["startup_launch_train_s"] / result["startup_bare_torchtrainer_s"]
+        result = steady_state(opts, storage)
+        if not opts.no_startup:
+            result.update(startups(opts, storage))
+            result["startup_ratio"] = result["startup_launch_train_s"] / result["startup_bare_torchtrainer_s"]
     if opts.json:
         print(json.dumps(result, indent=2))
         return 0
-    rounds = ", ".join(f"{r:.3f}" for r in result["round_ratios"])
-    print(f"steady state: {opts.image_size} px, batch {opts.batch}, {opts.threads} threads, {opts.rounds} rounds")
-    print(f"  bare PyTorch loop          {result['bare_loop_img_per_s']:8.2f} img/s (median)")
-    print(f"  launch.py train, 1 worker  {result['launch_train_1_worker_img_per_s']:8.2f} img/s (median)")
-    print(f"  ratio                      {result['ray_over_bare']:8.3f} (median of the rounds' ratios: {rounds})")
+    shape = f"{opts.image_size} px, batch {opts.batch}, {opts.threads} threads"
+    print(f"steady state: {shape}, {opts.phases} turns of {opts.phase_s:g} s each (img/s: median of the windows)")
+    for name, ips in result["img_per_s"].items():
+        line = f"  {name:22s} {ips:8.2f} img/s ({result['windows_counted'][name]} windows)"
+        if name in result["ratio_to_bare_loop"]:
+            turns = ", ".join(f"{r:.3f}" for r in result["turn_ratios"][name])
+            line += f"  ratio {result['ratio_to_bare_loop'][name]:.3f} (turns: {turns})"
+        print(line)
+    if opts.no_startup:
+        return 0
     print(f"startup to the first finished training step, {opts.startup_workers} workers")
     print(f"  launch.py train            {result['startup_launch_train_s']:8.1f} s")
     print(f"  bare TorchTrainer          {result['startup_bare_torchtrainer_s']:8.1f} s")

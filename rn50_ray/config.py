@@ -97,7 +97,11 @@ class OptimConfig:
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy", check=FRACTION)
     mixup_alpha: float = _opt(0.0, "mixup Beta(alpha, alpha); 0 is off (NVIDIA: 0.2 at 250 epochs)", check=NON_NEGATIVE)
     ema_decay: float = _opt(0.0, "EMA of the weights per optimizer step; 0 is off", check=FRACTION)
-    impl: str = _opt("auto", "SGD kernel: auto (fused on CUDA, foreach on CPU)", choices=("auto", "fused", "foreach", "for-loop"))
+    impl: str = _opt(
+        "auto",
+        "SGD kernel: auto (fused; under amp-fp16's loss scaler foreach on CUDA, for-loop on CPU)",
+        choices=("auto", "fused", "foreach", "for-loop"),
+    )
 
 
 @dataclass

@@ -29,10 +29,6 @@ import yaml
 
 from rn50_ray import tracking
 from rn50_ray.config import Config, parse_resources
-from rn50_ray.core.loop import fit, use_channels_last
-from rn50_ray.core.recipe import plan_batches
-from rn50_ray.core.step import resolve_precision
-from rn50_ray.data import Shard, make_loaders
 from rn50_ray.data.folder import check_dataset
 from rn50_ray.data.screen import bad_image_error, find_bad_images
 from rn50_ray.errors import ConfigError, DataError, UserError, find_user_error
@@ -156,6 +152,13 @@ def _quiet_report_log() -> None:
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
+    # Imported here, not at the top: the driver never trains, and torchvision (with torch._dynamo) costs
+    # it over a second of startup before Ray even starts the workers.
+    from rn50_ray.core.loop import fit, use_channels_last
+    from rn50_ray.core.recipe import plan_batches
+    from rn50_ray.core.step import resolve_precision
+    from rn50_ray.data import Shard, make_loaders
+
     _quiet_report_log()
     cfg = Config.from_dict(payload["config"], source="worker config")
     ctx = RayContext(payload["run_uri"], payload.get("tracker"), cfg.run.init_from)

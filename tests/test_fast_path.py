@@ -1,14 +1,20 @@
 """The GPU fast-path switches do what they say, each can be turned off, and training makes no host sync
 per step. Run on the CPU; what only a GPU shows (speed, cudnn.benchmark) is bench/gpu_check.sh's job."""
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from rn50_ray.config import load_config
 from rn50_ray.core.context import LocalContext
 from rn50_ray.core.loop import Trainer, fit, use_channels_last
-from rn50_ray.core.recipe import plan_batches
+from rn50_ray.core.recipe import build_optimizer, plan_batches, sgd_kernel
 from rn50_ray.data import Shard, make_loaders
+from rn50_ray.errors import ConfigError
 
 CPU = torch.device("cpu")
 
@@ -41,10 +47,38 @@ def test_memory_format_auto_is_channels_last_on_cuda_only():
     assert use_channels_last("auto", torch.device("cuda", 0)) and not use_channels_last("auto", CPU)
 
 
-@pytest.mark.parametrize(("impl", "fused", "foreach"), [("fused", True, None), ("foreach", None, True), ("for-loop", None, None)])
+@pytest.mark.parametrize(
+    ("impl", "fused", "foreach"),
+    [("auto", True, None), ("fused", True, None), ("foreach", None, True), ("for-loop", None, None)],
+)
 def test_sgd_kernel_switch(tiny_data, impl, fused, foreach):
     trainer = Trainer(_cfg(tiny_data, **{"optim.impl": impl}), CPU, 10, plan_batches(20, 1, 20), 10)
     assert trainer.optimizer.defaults["fused"] == fused and trainer.optimizer.defaults["foreach"] == foreach
+
+
+def test_sgd_kernel_under_a_loss_scaler():
+    assert sgd_kernel("auto", torch.device("cuda", 0), loss_scaling=False) == "fused"
+    assert sgd_kernel("auto", torch.device("cuda", 0), loss_scaling=True) == "foreach"
+    assert sgd_kernel("auto", CPU, loss_scaling=True) == "for-loop"
+    with pytest.raises(ConfigError, match=r"optim\.impl: fused SGD is unsafe with amp-fp16"):
+        sgd_kernel("fused", CPU, loss_scaling=True)
+
+
+@pytest.mark.parametrize("kernel", ["fused", "auto"])
+def test_a_step_the_loss_scaler_skips_leaves_the_momentum_alone(tiny_data, kernel):
+    """Why `auto` avoids fused SGD under amp-fp16: torch's fused kernel (shown here on CPU) puts the
+    overflowing gradient into the momentum buffer of a step GradScaler skips."""
+    cfg = _cfg(tiny_data, **{"system.precision": "amp-fp16", "system.loss_scale": 2.0**40})
+    trainer = Trainer(cfg, CPU, 10, plan_batches(4, 1, 4), 10)
+    if kernel == "fused":  # built by hand: the Trainer refuses it
+        trainer.optimizer = build_optimizer(trainer.model, cfg.optim, 0.1, "fused")
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.step(trainer.model, torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    assert trainer.scaler.get_scale() < 2.0**40  # the scale overflowed fp16 and the step was skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+    buffers = [s["momentum_buffer"] for s in trainer.optimizer.state.values() if s.get("momentum_buffer") is not None]
+    corrupted = any(b.abs().max() > 1e6 for b in buffers)
+    assert corrupted == (kernel == "fused")
 
 
 def test_compile_switch_wraps_the_model(tiny_data):
@@ -92,3 +126,12 @@ def test_training_reads_the_host_only_at_log_intervals(tiny_data, tmp_path, monk
     steps = ctx.reports[-1]["step"]
     assert steps == 10
     assert len(reads) - start <= 12, reads[start:]  # 2 intervals and 1 epoch end: a few reads each, never one per step
+
+
+def test_sgd_kernel_bench_prints_each_kernel_against_the_loop():
+    script = Path(__file__).resolve().parent.parent / "bench" / "sgd_kernels.py"
+    args = ["--image-size", "16", "--batch", "2", "--rounds", "2", "--window", "1", "--device", "cpu"]
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = dict(re.findall(r"^\s+(\S+)\s+[\d.]+ img/s\s+ratio to for-loop ([\d.]+)$", out.stdout, re.M))
+    assert set(rows) == {"for-loop", "foreach", "fused"} and float(rows["for-loop"]) == 1.0, out.stdout

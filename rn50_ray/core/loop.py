@@ -59,9 +59,9 @@ class Trainer:
         self.channels_last = use_channels_last(cfg.model.memory_format, device)
         torch.manual_seed(cfg.system.seed)  # the same initial weights on every rank
         self.model = build_model(**model_kwargs(cfg.model, num_classes, self.channels_last)).to(device)
-        self.optimizer = recipe.build_optimizer(
-            self.model, cfg.optim, recipe.peak_lr(cfg.optim.lr_per_256, plan.global_size), device
-        )
+        self.sgd_kernel = recipe.sgd_kernel(cfg.optim.impl, device, loss_scaling=self.precision.name == "amp-fp16")
+        lr = recipe.peak_lr(cfg.optim.lr_per_256, plan.global_size)
+        self.optimizer = recipe.build_optimizer(self.model, cfg.optim, lr, self.sgd_kernel)
         self.scheduler = recipe.build_scheduler(self.optimizer, cfg.schedule, steps_per_epoch)
         self.scaler = self.precision.scaler(cfg.system.loss_scale)
         self.ema = recipe.build_ema(self.model, cfg.optim.ema_decay)
