@@ -71,7 +71,7 @@ def test_no_weight_decay_on_any_bn_parameter_or_bias():
 
 
 def test_optimizer_is_nvidia_sgd():
-    opt = build_optimizer(build_model(num_classes=10), OptimConfig(), 2.048)
+    opt = build_optimizer(build_model(num_classes=10), OptimConfig(), 2.048, "for-loop")
     g = opt.param_groups[0]
     assert (g["momentum"], g["nesterov"], g["lr"]) == (0.875, False, 2.048)
 

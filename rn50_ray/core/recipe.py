@@ -66,8 +66,8 @@ def param_groups(model: nn.Module, weight_decay: float, decay_bn_and_bias: bool 
 def sgd_kernel(impl: str, device: torch.device, loss_scaling: bool) -> str:
     """The SGD kernel `optim.impl` stands for.
 
-    `auto` is fused, on CUDA and on CPU (on CPU foreach trains about 11% slower than the plain loop and
-    fused 4% faster, docs/PERFORMANCE.md), except under a dynamic loss scaler: torch's fused SGD writes
+    `auto` is fused, on CUDA and on CPU (on CPU foreach trains 8-11% slower than the plain loop and
+    fused about 4% faster, docs/PERFORMANCE.md), except under a dynamic loss scaler: torch's fused SGD writes
     the overflowing gradient into the momentum buffer on a step the scaler skips, and the weights blow
     up on the next one (tests/test_fast_path.py shows it). There foreach on CUDA, the loop on CPU.
     """
@@ -81,7 +81,7 @@ def sgd_kernel(impl: str, device: torch.device, loss_scaling: bool) -> str:
     return impl
 
 
-def build_optimizer(model: nn.Module, optim_cfg, lr: float, kernel: str = "for-loop") -> torch.optim.SGD:
+def build_optimizer(model: nn.Module, optim_cfg, lr: float, kernel: str) -> torch.optim.SGD:
     """NVIDIA's SGD with `kernel` (fused, foreach or for-loop) from `sgd_kernel`."""
     return torch.optim.SGD(
         param_groups(model, optim_cfg.weight_decay, optim_cfg.bn_bias_decay),
