@@ -127,18 +127,17 @@ class Side:
             time.sleep(0.2)
 
     def signal(self, sig: int) -> None:
-        procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
-        for p in procs:
+        root = psutil.Process(self.proc.pid)
+        for p in [root, *root.children(recursive=True)]:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.send_signal(sig)
 
     def counted(self, images_per_window: int) -> list[list[float]]:
         """Per turn, the img/s of the windows that lie wholly inside it."""
-        out = []
-        for start, end in self.turns:
-            inside = [v for t, v in self.windows() if start + LATENCY_S <= t - images_per_window / v and t <= end]
-            out.append(inside)
-        return out
+        windows = self.windows()
+        return [
+            [v for t, v in windows if start + LATENCY_S <= t - images_per_window / v and t <= end] for start, end in self.turns
+        ]
 
     def stop(self) -> None:
         self.signal(signal.SIGCONT)
@@ -192,11 +191,12 @@ def steady_state(opts, storage: str) -> dict:
         pairs = zip(turns["bare loop"], turns[name], strict=True)
         return [statistics.median(r) / statistics.median(b) for b, r in pairs if b and r]
 
+    turn_ratios = {name: ratios(name) for name in ("bare TorchTrainer", "launch.py train")}
     return {
         "img_per_s": {name: statistics.median(v for t in ts for v in t) for name, ts in turns.items()},
         "windows_counted": {name: sum(map(len, ts)) for name, ts in turns.items()},
-        "turn_ratios": {name: ratios(name) for name in ("bare TorchTrainer", "launch.py train")},
-        "ratio_to_bare_loop": {name: statistics.median(ratios(name)) for name in ("bare TorchTrainer", "launch.py train")},
+        "turn_ratios": turn_ratios,
+        "ratio_to_bare_loop": {name: statistics.median(r) for name, r in turn_ratios.items()},
     }
 
 
