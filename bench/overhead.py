@@ -1,21 +1,22 @@
 """Framework overhead and startup, measured in one run on this machine.
 
-1. Steady-state training img/s of a bare single-process PyTorch loop (torchvision ResNet50, torch.optim.SGD,
-   cross entropy, one synthetic batch served every step) against `launch.py train` with one Ray worker on
-   the same model, batch, image size and threads (the synthetic backend serves one batch every step too).
-   The bare loop uses the SGD kernel `launch.py train` picks (fused; `--bare-sgd default` for torch's own
-   default), so the ratio is the framework's cost alone.
+1. Steady-state training img/s of three sides on the same model, batch, image size and threads: a bare
+   single-process PyTorch loop (torchvision ResNet50, torch.optim.SGD, cross entropy, one synthetic batch
+   served every step), the same loop in a bare TorchTrainer with one worker (Ray's own cost), and
+   `launch.py train` with one Ray worker (the synthetic backend serves one batch every step too). The
+   bare loop uses the SGD kernel `launch.py train` picks (fused; `--bare-sgd default` for torch's own).
 
-   Both run at once and take turns: while one trains, the other is stopped (SIGSTOP), for `--phase-s`
-   seconds each, `--phases` times. For the Ray side the whole process tree is stopped (driver, GCS,
-   raylet, Ray Train's actors and the worker), so Ray's own processes cost only the Ray side. Only the
-   img/s windows that lie wholly inside a turn count. A 2-core VM's speed drifts by 10-20% over tens of
-   seconds; turns of a few seconds put both sides under the same drift, where separate runs did not.
+   All three run at once and take turns: while one trains, the others are stopped (SIGSTOP), for
+   `--phase-s` seconds each, `--phases` times. For a Ray side the whole process tree is stopped (driver,
+   GCS, raylet, Ray Train's actors and the worker), so Ray's own processes cost only their side. Only
+   the img/s windows that lie wholly inside a turn count. This VM's speed switches between two levels
+   about 17% apart every few to tens of seconds (a lone bare loop shows it), so turns are short and many,
+   and each ratio is the median over rounds of one side's turn against the bare loop's turn just before.
 2. Startup: seconds from starting the process to the end of the first training step, for `launch.py train`
    and for a bare TorchTrainer that trains the same model with the same workers.
 
-    python bench/overhead.py [--image-size 32] [--batch 32] [--phase-s 12] [--phases 8] [--threads 2]
-                             [--bare-sgd fused|default] [--json]
+    python bench/overhead.py [--image-size 32] [--batch 32] [--phase-s 6] [--phases 20] [--threads 2]
+                             [--bare-sgd fused|default] [--no-startup] [--json]
 """
 
 from __future__ import annotations
@@ -187,8 +188,8 @@ def steady_state(opts, storage: str) -> dict:
     if any(sum(map(len, t)) < opts.phases for t in turns.values()):
         raise SystemExit(f"too few whole windows in the turns ({turns}); raise --phase-s")
 
-    def ratios(name: str) -> list[float]:  # per round, against the bare loop's turn just before
-        pairs = zip(turns["bare loop"], turns[name], strict=True)
+    def ratios(name: str, base: str = "bare loop") -> list[float]:  # per round, against base's turn before
+        pairs = zip(turns[base], turns[name], strict=True)
         return [statistics.median(r) / statistics.median(b) for b, r in pairs if b and r]
 
     turn_ratios = {name: ratios(name) for name in ("bare TorchTrainer", "launch.py train")}
@@ -197,6 +198,8 @@ def steady_state(opts, storage: str) -> dict:
         "windows_counted": {name: sum(map(len, ts)) for name, ts in turns.items()},
         "turn_ratios": turn_ratios,
         "ratio_to_bare_loop": {name: statistics.median(r) for name, r in turn_ratios.items()},
+        # this project's layer alone: launch.py against the bare TorchTrainer's turn just before
+        "ratio_launch_to_bare_torchtrainer": statistics.median(ratios("launch.py train", "bare TorchTrainer")),
     }
 
 
@@ -221,8 +224,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--phase-s", type=float, default=12.0, help="seconds of each turn")
-    p.add_argument("--phases", type=int, default=8, help="turns of each side")
+    p.add_argument("--phase-s", type=float, default=6.0, help="seconds of each turn")
+    p.add_argument("--phases", type=int, default=20, help="turns of each side")
     p.add_argument("--window", type=int, default=5, help="steps per img/s figure (launch.py's --log-every)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (the Ray worker's CPUs)")
     p.add_argument("--startup-workers", type=int, default=2)
@@ -246,6 +249,7 @@ def main() -> int:
             turns = ", ".join(f"{r:.3f}" for r in result["turn_ratios"][name])
             line += f"  ratio {result['ratio_to_bare_loop'][name]:.3f} (turns: {turns})"
         print(line)
+    print(f"  launch.py train against the bare TorchTrainer: ratio {result['ratio_launch_to_bare_torchtrainer']:.3f}")
     if opts.no_startup:
         return 0
     print(f"startup to the first finished training step, {opts.startup_workers} workers")

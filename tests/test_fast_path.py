@@ -128,6 +128,39 @@ def test_training_reads_the_host_only_at_log_intervals(tiny_data, tmp_path, monk
     assert len(reads) - start <= 12, reads[start:]  # 2 intervals and 1 epoch end: a few reads each, never one per step
 
 
+class _Draining(LocalContext):
+    """A local run told of a drain at its first ask (under Ray the notice comes from Ray Train's watcher)."""
+
+    def __init__(self, run_dir, poll_s: float):
+        super().__init__(run_dir, quiet=True)
+        self.preemption_poll_s, self.asked_at = poll_s, []
+
+    def preemption(self):
+        self.asked_at.append(len(self.reports))
+        return {"nodes": ["n1"], "seconds_left": 100.0}
+
+
+@pytest.mark.parametrize("poll_s, asks", [(0.0, 2), (3600.0, 1)])
+def test_preemption_is_asked_at_most_once_per_poll_interval(tiny_data, tmp_path, poll_s, asks):
+    # Each ask is a barrier through a Ray actor: asking at every log interval cost 2% of the step.
+    cfg = _cfg(
+        tiny_data,
+        **{
+            "data.backend": "synthetic",
+            "data.synthetic_samples": 200,
+            "run.log_every": 5,
+            "schedule.epochs": 1,
+            "schedule.warmup_epochs": 0,
+        },
+    )
+    loaders = make_loaders(cfg.data, Shard(0, 1, CPU), 20, global_batch=20, seed=0, channels_last=False)
+    ctx = _Draining(tmp_path, poll_s)
+    fit(cfg, ctx, loaders, plan_batches(20, 1, 20))
+    assert len(ctx.asked_at) == asks  # 2 log intervals (steps 5 and 10)
+    assert [r["step"] for r in ctx.reports] == [5, 10]  # the notice at step 5 checkpointed there, once
+    assert ctx.checkpoints()[-1].name.endswith("_step00000010")
+
+
 def test_sgd_kernel_bench_prints_each_kernel_against_the_loop():
     script = Path(__file__).resolve().parent.parent / "bench" / "sgd_kernels.py"
     args = ["--image-size", "16", "--batch", "2", "--rounds", "2", "--window", "1", "--device", "cpu"]

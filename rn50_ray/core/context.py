@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ class TrainContext(Protocol):
     world_size: int
     device: torch.device
     from_init: bool  # open_checkpoint gave another run's checkpoint (run.init_from), not one of this run's
+    preemption_poll_s: float  # how often `preemption` is worth asking; inf where nothing ever drains
 
     def open_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
         """A local folder holding the checkpoint to resume from (or None), valid inside the block."""
@@ -39,7 +41,7 @@ class TrainContext(Protocol):
 
     def preemption(self) -> dict[str, Any] | None:
         """None, or {"nodes": [...], "seconds_left": float | None} while a node of this run drains.
-        Every rank calls it at the same steps."""
+        Every rank calls it at the same steps, at most once per `preemption_poll_s`."""
 
     def track_start(self, step: int, tags: dict[str, Any]) -> None:
         """A worker group (re)started at `step` (rank 0 records it; others ignore it)."""
@@ -79,6 +81,7 @@ class LocalContext:
         self.init_from, self.from_init = init_from, False
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.world_rank, self.world_size, self.device = 0, 1, torch.device(device)
+        self.preemption_poll_s = math.inf
         self.keep, self.quiet = keep, quiet
         self.reports: list[dict[str, Any]] = []
         self.tracked: list[tuple[int, dict[str, Any]]] = []  # (step, metrics or start tags), for tests

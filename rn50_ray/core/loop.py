@@ -184,6 +184,7 @@ def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, An
     )
     epochs_this_run = 0
     preempt_saved, checkpoint_now, last_report_s = False, False, 0.0
+    next_preemption_ask = time.monotonic()  # rank 0's clock, shared through the interval's all-reduce
     val: dict[str, float] = {}
     summary: dict[str, Any] = {}
     first_step_unix = None  # wall clock at the end of this start's first step: the startup figure
@@ -219,8 +220,10 @@ def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, An
             epoch_loss += loss
             interval_steps += 1
             if progress.step_in_epoch % cfg.run.log_every == 0 or progress.step_in_epoch == steps_per_epoch:
-                # The only host sync of an interval: one all-reduce and one read.
-                (total_loss,) = _all_reduce_sum(loss_sum.reshape(1), device)
+                # The only host sync of an interval: one all-reduce and one read. It also carries rank 0's
+                # word on whether to ask about preemption, so every rank asks at the same step.
+                ask = ctx.world_rank == 0 and time.monotonic() >= next_preemption_ask
+                total_loss, asked = _all_reduce_sum(torch.stack((loss_sum, loss_sum.new_full((), float(ask)))), device)
                 now = time.perf_counter()
                 elapsed = now - t_mark
                 images_done = interval_steps * plan.global_size
@@ -249,7 +252,10 @@ def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, An
                 )
                 loss_sum.zero_()
                 interval_steps, data_wait, t_mark = 0, 0.0, time.perf_counter()
-                notice = ctx.preemption()  # every rank asks at the same steps: it is a barrier under Ray
+                notice = None
+                if asked:  # a barrier under Ray
+                    notice = ctx.preemption()
+                    next_preemption_ask = time.monotonic() + ctx.preemption_poll_s
                 if notice is not None and not preempt_saved:
                     preempt_saved = True
                     checkpoint_now = _preemption_checkpoint(ctx, notice, last_report_s, progress.step)
