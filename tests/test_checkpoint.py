@@ -1,6 +1,11 @@
 """Checkpoints: atomic writes, safe loads, and exact resume of the core loop (no Ray)."""
 
+import os
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +14,14 @@ from rn50_ray.config import load_config
 from rn50_ray.core.context import LocalContext
 from rn50_ray.core.loop import fit
 from rn50_ray.core.recipe import plan_batches
-from rn50_ray.core.state import load_checkpoint, save_checkpoint
+from rn50_ray.core.state import (
+    ORPHAN_AGE_S,
+    STATE_FILE,
+    load_checkpoint,
+    remove_orphaned_staging,
+    save_checkpoint,
+    staging_dir,
+)
 from rn50_ray.data import Shard, make_loaders
 from rn50_ray.errors import UserError
 
@@ -138,3 +150,24 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_one_before(tiny_data, tm
     summary, ctx = _run(tiny_data, run, **cfg)
     assert summary["step"] == 20 and summary["finished"]
     assert ctx.reports[0]["step"] == 10  # epoch 1 was finished again from step 8, then epoch 2
+
+
+def test_staging_folders_of_killed_writers_are_removed_once_old(tmp_path):
+    # A worker SIGKILLed mid-report leaves its staging folder; only a dead writer's old folder goes.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, long_ago = int(dead.stdout), time.time() - 2 * ORPHAN_AGE_S
+    folders = {
+        "dead_old": tmp_path / f"rn50-ckpt-{dead_pid}-abc",
+        "dead_new": tmp_path / f"rn50-ckpt-{dead_pid}-def",
+        "live_old": tmp_path / f"rn50-ckpt-{os.getpid()}-ghi",
+        "other": tmp_path / "rn50-ckpt-notapid",
+    }
+    for name, folder in folders.items():
+        folder.mkdir()
+        (folder / STATE_FILE).write_bytes(b"x")
+        if name != "dead_new":
+            os.utime(folder, (long_ago, long_ago))
+    assert remove_orphaned_staging(tmp_path) == [folders["dead_old"]]
+    assert [n for n, f in folders.items() if f.exists()] == ["dead_new", "live_old", "other"]
+    with staging_dir() as tmp:
+        assert Path(tmp).name.startswith(f"rn50-ckpt-{os.getpid()}-")

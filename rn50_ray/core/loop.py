@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +18,16 @@ from torch import nn
 from rn50_ray.core import recipe
 from rn50_ray.core.context import TrainContext, jsonl
 from rn50_ray.core.model import build_model, model_kwargs
-from rn50_ray.core.state import Progress, load_checkpoint, progress_from_dict, rng_state, save_checkpoint, set_rng_state
+from rn50_ray.core.state import (
+    Progress,
+    load_checkpoint,
+    progress_from_dict,
+    remove_orphaned_staging,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    staging_dir,
+)
 from rn50_ray.core.step import Precision, eval_step, resolve_precision, train_step
 from rn50_ray.errors import UserError
 
@@ -157,6 +165,8 @@ def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, An
         torch.backends.cudnn.benchmark = True
     for note in loaders.notes:
         ctx.log(note)
+    if orphans := remove_orphaned_staging():  # every rank: each node has its own /tmp
+        ctx.log(f"removed {len(orphans)} checkpoint staging folders left by killed workers")
     with ctx.open_checkpoint() as resume:
         if resume:
             _resume(ctx, trainer, train, resume, plan)
@@ -399,7 +409,7 @@ def _report(ctx: TrainContext, trainer: Trainer, metrics: dict[str, Any], train=
     if ctx.world_rank != 0 and data_state is None:
         ctx.report(metrics, None, name)
         return
-    with tempfile.TemporaryDirectory(prefix="rn50-ckpt-") as tmp:
+    with staging_dir() as tmp:
         if data_state is not None:
             (Path(tmp) / f"data_rank{ctx.world_rank}.bin").write_bytes(data_state)
         if ctx.world_rank == 0:

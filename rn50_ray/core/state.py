@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,8 @@ from rn50_ray.errors import UserError
 
 STATE_FILE = "state.pt"
 FORMAT_VERSION = 1
+STAGING_PREFIX = "rn50-ckpt-"
+ORPHAN_AGE_S = 3600  # a report stages and hands over in seconds; older folders of dead writers are orphans
 
 
 @dataclass
@@ -86,3 +91,35 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "model" not in state:
         raise UserError(f"{file}: not an rn50-ray checkpoint (format_version {FORMAT_VERSION} expected)")
     return state
+
+
+def staging_dir() -> tempfile.TemporaryDirectory:
+    """A local folder to write a checkpoint in before the runner takes it; named by this process's pid,
+    so that one left by a writer killed mid-report (SIGKILL runs no cleanup) can be told apart."""
+    return tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
+
+
+def remove_orphaned_staging(root: str | os.PathLike | None = None) -> list[Path]:
+    """Delete staging folders whose writer is gone and which are over an hour old (the age guards a live
+    writer in another pid namespace sharing this /tmp). Returns what it removed."""
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
+        pid = folder.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+        try:
+            old = time.time() - folder.stat().st_mtime > ORPHAN_AGE_S
+        except FileNotFoundError:
+            continue
+        if pid.isdigit() and old and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True

@@ -1,0 +1,89 @@
+"""`launch.py bench train | infer | data` in smoke mode (tiny images, a few steps): well-formed tables and
+JSON rows that carry the switches asked for; and bench/overhead.py over one turn. No test asserts a speed;
+speeds live in docs/PERFORMANCE.md."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rn50_ray.bench import COLUMNS
+from rn50_ray.cli import main
+
+SMOKE = ["--image-size", "32", "--batch-size", "4", "--global-batch", "4", "--steps", "4", "--warmup", "1"]
+SMOKE += ["--window", "1", "--loader-workers", "1", "--peak-tflops", "1"]
+
+
+def _bench(capsys, what: str, data, *extra: str) -> str:
+    assert main(["bench", what, "--data", str(data), *SMOKE, *extra]) == 0
+    return capsys.readouterr().out
+
+
+def _table(out: str, what: str) -> list[dict[str, str]]:
+    """The rows of a printed table, by column name; fails on any line that does not fit the columns."""
+    lines = out.strip().splitlines()
+    assert re.fullmatch(rf"bench {what} on cpu, 32 px", lines[0]), out
+    header = [c.strip() for c in lines[1].split("|")]
+    assert header == list(COLUMNS[what]), out
+    rows = []
+    for line in lines[2:]:
+        if line.startswith("ratios to "):
+            break
+        cells = [c.strip() for c in line.split("|")]
+        assert len(cells) == len(header), line
+        rows.append(dict(zip(header, cells, strict=True)))
+    return rows
+
+
+def test_bench_train_prints_a_row_per_backend_and_their_ratios(tiny_data, capsys):
+    out = _bench(capsys, "train", tiny_data, "--backends", "synthetic,pytorch,dali-cpu", "--precision", "fp32")
+    rows = _table(out, "train")
+    assert [r["backend"] for r in rows] == ["synthetic", "pytorch", "dali-cpu"]
+    for r in rows:
+        assert r["precision"] == "fp32" and r["batch"] == "4" and r["compile"] == "False"
+        assert float(r["img_per_s"]) > 0 and float(r["step_ms"]) > 0
+        assert 0 < float(r["mfu_pct"]) < 100  # against a 1 TFLOP/s peak
+        assert r["peak_mem_gib"] == "nan"  # no GPU memory on a CPU
+    ratios = re.search(r"^ratios to synthetic: synthetic 1\.00x, pytorch [\d.]+x, dali-cpu [\d.]+x$", out, re.M)
+    assert ratios, out
+
+
+def test_bench_infer_prints_batch_1_latency_percentiles(tiny_data, capsys):
+    (row,) = _table(_bench(capsys, "infer", tiny_data, "--backends", "synthetic"), "infer")
+    p50, p99 = float(row["b1_p50_ms"]), float(row["b1_p99_ms"])
+    assert 0 < p50 <= p99
+    assert float(row["img_per_s"]) > 0 and 0 < float(row["mfu_pct"]) < 100
+
+
+def test_bench_data_times_the_input_pipelines_alone(tiny_data, capsys):
+    rows = _table(_bench(capsys, "data", tiny_data, "--backends", "pytorch,dali-cpu"), "data")
+    assert [r["backend"] for r in rows] == ["pytorch", "dali-cpu"]
+    for r in rows:
+        assert float(r["img_per_s"]) > 0 and int(r["steps"]) == 4
+        assert float(r["cpu_ms_per_img"]) >= 0  # CPU time is counted in 10 ms ticks: a smoke run can read 0
+
+
+@pytest.mark.parametrize("fmt, channels_last", [("channels_last", True), ("contiguous", False)])
+def test_bench_json_rows_carry_the_switches(tiny_data, capsys, fmt, channels_last):
+    out = _bench(capsys, "train", tiny_data, "--backends", "synthetic", "--set", f"model.memory_format={fmt}", "--json")
+    (row,) = json.loads(out)
+    assert row["what"] == "train" and row["channels_last"] is channels_last and row["steps"] == 4
+    assert row["img_per_s"] > 0 and math.isclose(row["img_per_s"], 4000 / row["step_ms"], rel_tol=1e-6)
+
+
+def test_overhead_bench_reads_all_three_sides_in_turns():
+    # Real processes: a bare loop, a bare TorchTrainer and launch.py train, each on its own local Ray.
+    # It proves the bench still parses each side's img/s lines (launch.py's log format included).
+    script = Path(__file__).resolve().parent.parent / "bench" / "overhead.py"
+    args = ["--no-startup", "--phases", "1", "--phase-s", "3", "--window", "2", "--image-size", "16", "--batch", "4"]
+    out = subprocess.run([sys.executable, script, *args, "--json"], capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    result = json.loads(out.stdout)
+    sides = ["bare loop", "bare TorchTrainer", "launch.py train"]
+    assert list(result["img_per_s"]) == sides and all(result["windows_counted"][s] >= 1 for s in sides)
+    assert all(len(result["turn_ratios"][s]) == 1 and result["ratio_to_bare_loop"][s] > 0 for s in sides[1:])
+    assert result["ratio_launch_to_bare_torchtrainer"] > 0
