@@ -98,6 +98,14 @@ def test_prefetch_switch_sets_dali_and_dataloader_depth(tiny_data, depth):
     assert torch_loaders.train.loader.pin_memory is False  # pinned memory only when the device is a GPU
 
 
+def _ten_synthetic_steps(data, ctx) -> None:
+    """One epoch of 10 steps of 20 synthetic images, logged every 5 steps."""
+    overrides = {"data.synthetic_samples": 200, "run.log_every": 5, "schedule.epochs": 1, "schedule.warmup_epochs": 0}
+    cfg = _cfg(data, **{"data.backend": "synthetic", **overrides})
+    loaders = make_loaders(cfg.data, Shard(0, 1, CPU), 20, global_batch=20, seed=0, channels_last=False)
+    fit(cfg, ctx, loaders, plan_batches(20, 1, 20))
+
+
 def test_training_reads_the_host_only_at_log_intervals(tiny_data, tmp_path, monkeypatch):
     # 10 steps logged every 5: device -> host reads must scale with intervals and epochs, not with steps.
     reads = []
@@ -109,20 +117,9 @@ def test_training_reads_the_host_only_at_log_intervals(tiny_data, tmp_path, monk
             return _real(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    cfg = _cfg(
-        tiny_data,
-        **{
-            "data.backend": "synthetic",
-            "data.synthetic_samples": 200,
-            "run.log_every": 5,
-            "schedule.epochs": 1,
-            "schedule.warmup_epochs": 0,
-        },
-    )
-    loaders = make_loaders(cfg.data, Shard(0, 1, CPU), 20, global_batch=20, seed=0, channels_last=False)
     ctx = LocalContext(tmp_path, quiet=True)
     start = len(reads)
-    fit(cfg, ctx, loaders, plan_batches(20, 1, 20))
+    _ten_synthetic_steps(tiny_data, ctx)
     steps = ctx.reports[-1]["step"]
     assert steps == 10
     assert len(reads) - start <= 12, reads[start:]  # 2 intervals and 1 epoch end: a few reads each, never one per step
@@ -133,30 +130,19 @@ class _Draining(LocalContext):
 
     def __init__(self, run_dir, poll_s: float):
         super().__init__(run_dir, quiet=True)
-        self.preemption_poll_s, self.asked_at = poll_s, []
+        self.preemption_poll_s, self.asks = poll_s, 0
 
     def preemption(self):
-        self.asked_at.append(len(self.reports))
+        self.asks += 1
         return {"nodes": ["n1"], "seconds_left": 100.0}
 
 
 @pytest.mark.parametrize("poll_s, asks", [(0.0, 2), (3600.0, 1)])
 def test_preemption_is_asked_at_most_once_per_poll_interval(tiny_data, tmp_path, poll_s, asks):
     # Each ask is a barrier through a Ray actor: asking at every log interval cost 2% of the step.
-    cfg = _cfg(
-        tiny_data,
-        **{
-            "data.backend": "synthetic",
-            "data.synthetic_samples": 200,
-            "run.log_every": 5,
-            "schedule.epochs": 1,
-            "schedule.warmup_epochs": 0,
-        },
-    )
-    loaders = make_loaders(cfg.data, Shard(0, 1, CPU), 20, global_batch=20, seed=0, channels_last=False)
     ctx = _Draining(tmp_path, poll_s)
-    fit(cfg, ctx, loaders, plan_batches(20, 1, 20))
-    assert len(ctx.asked_at) == asks  # 2 log intervals (steps 5 and 10)
+    _ten_synthetic_steps(tiny_data, ctx)
+    assert ctx.asks == asks  # 2 log intervals (steps 5 and 10)
     assert [r["step"] for r in ctx.reports] == [5, 10]  # the notice at step 5 checkpointed there, once
     assert ctx.checkpoints()[-1].name.endswith("_step00000010")
 
