@@ -35,6 +35,8 @@ def test_two_workers_learn_well_above_chance(learned):
     assert history[-1]["val/top1"] > history[0]["val/top1"]
     assert "data: dali-cpu backend" in out.stdout
     assert "summary: 6 epochs" in out.stdout and "img/s" in out.stdout and "eta" in out.stdout
+    startup = re.search(r"^startup: ([\d.]+) s from launch to the first finished training step$", out.stdout, re.M)
+    assert startup and 0 < float(startup[1]) < 300, out.stdout[-2000:]
     assert f"best checkpoint: {run}/best_epoch" in out.stdout
     saved = (run / "config.yaml").read_text()
     assert "lr_per_256: 0.15" in saved and "global_size: 32" in saved
