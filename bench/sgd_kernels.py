@@ -12,15 +12,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from rn50_ray.bench import timed
 from rn50_ray.config import load_config
-from rn50_ray.core.loop import Trainer, sync_device
+from rn50_ray.core.loop import Trainer
 from rn50_ray.core.recipe import plan_batches
 
 KERNELS = ("for-loop", "foreach", "fused")
@@ -50,12 +50,8 @@ def main() -> int:
     ips: dict[str, list[float]] = {k: [] for k in KERNELS}
     for _ in range(opts.rounds):
         for kernel, step in steps.items():
-            sync_device(device)
-            t = time.perf_counter()
-            for _ in range(opts.window):
-                step()
-            sync_device(device)
-            ips[kernel].append(opts.window * opts.batch / (time.perf_counter() - t))
+            (seconds_per_step,) = timed(step, device, 0, opts.window, opts.window)  # one window per turn
+            ips[kernel].append(opts.batch / seconds_per_step)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"SGD kernels: {name}, {opts.image_size} px, batch {opts.batch}, {opts.rounds} rounds of {opts.window} steps")
     for kernel in KERNELS:

@@ -51,7 +51,7 @@ def _batches(train, steps: int):
         epoch += 1
 
 
-def _timed(run: Callable[[], Any], device: torch.device, warmup: int, steps: int, window: int) -> list[float]:
+def timed(run: Callable[[], Any], device: torch.device, warmup: int, steps: int, window: int) -> list[float]:
     """Seconds per step, one figure per window of steps. The device is synchronized only at window
     ends, so the host queues work ahead as in training."""
     for _ in range(warmup):
@@ -95,19 +95,19 @@ def bench_backend(cfg, what: str, backend: str, device: torch.device, args) -> d
     if what == "train":
         model = trainer.wrap(1)
         model.train()
-        times = _timed(lambda: trainer.step(model, *next(batches)), device, args.warmup, args.steps, args.window)
+        times = timed(lambda: trainer.step(model, *next(batches)), device, args.warmup, args.steps, args.window)
         gflop = TRAIN_GFLOP_224 * scale
     elif what == "infer":
         model = trainer.wrap(1)
         model.eval()
         images, _ = next(batches)
         single = images[:1].clone()
-        lat = _timed(lambda: eval_step(model, single, trainer.precision), device, args.warmup, args.steps, 1)
+        lat = timed(lambda: eval_step(model, single, trainer.precision), device, args.warmup, args.steps, 1)
         row.update({f"b1_p{q}_ms": 1000 * statistics.quantiles(lat, n=100)[q - 1] for q in (50, 90, 99)} if len(lat) > 1 else {})
-        times = _timed(lambda: eval_step(model, images, trainer.precision), device, args.warmup, args.steps, args.window)
+        times = timed(lambda: eval_step(model, images, trainer.precision), device, args.warmup, args.steps, args.window)
         gflop = TRAIN_GFLOP_224 / 3 * scale
     else:
-        times = _timed(lambda: next(batches), device, args.warmup, args.steps, 1)
+        times = timed(lambda: next(batches), device, args.warmup, args.steps, 1)
         gflop = 0.0
     step = statistics.median(times)
     ips = plan.global_size / step
