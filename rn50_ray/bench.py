@@ -24,9 +24,11 @@ from rn50_ray.core.loop import Trainer, sync_device, use_channels_last
 from rn50_ray.core.recipe import plan_batches
 from rn50_ray.core.step import eval_step
 from rn50_ray.data import Shard, make_loaders
+from rn50_ray.errors import UserError
 from rn50_ray.evaluate import pick_device
 
 TRAIN_GFLOP_224 = 24.7  # forward + backward of ResNet50 per 224 px image (3 x 8.2 GFLOP)
+MAX_BATCH_CUDA = 1024  # where `bench infer` stops doubling the batch on a GPU unless --max-batch says
 
 
 def _cpu_seconds() -> float:
@@ -67,6 +69,31 @@ def timed(run: Callable[[], Any], device: torch.device, warmup: int, steps: int,
     return times
 
 
+def largest_fitting_batch(
+    measure: Callable[[int], list[float]], start: int, cap: int, device: torch.device
+) -> tuple[int, list[float], list[int]]:
+    """Doubles the batch from `start` while it is at most `cap` and fits in memory. Returns the largest
+    batch that fit, its step times, and every batch tried (the last one may have run out of memory)."""
+    best, best_times, tried, batch = 0, [], [], start
+    while batch <= max(cap, start):
+        tried.append(batch)
+        try:
+            times = measure(batch)
+        except torch.OutOfMemoryError:
+            out_of_memory = True
+        else:
+            out_of_memory = False
+            best, best_times = batch, times
+        if out_of_memory:  # outside the handler, so the traceback's tensors are gone before the cache is freed
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if not best:
+                raise UserError(f"--batch-size: a batch of {start} does not fit in {device} memory; pass a smaller one")
+            break
+        batch *= 2
+    return best, best_times, tried
+
+
 def _flop_share(img_per_s: float, gflop_per_img: float, peak_tflops: float | None) -> float:
     return 100 * img_per_s * gflop_per_img / (peak_tflops * 1000) if peak_tflops else float("nan")
 
@@ -90,6 +117,7 @@ def bench_backend(cfg, what: str, backend: str, device: torch.device, args) -> d
     trainer = Trainer(cfg, device, loaders.num_classes, plan, loaders.train.steps_per_epoch) if what != "data" else None
     batches = _batches(loaders.train, (args.warmup + args.steps) * 2 + 10)
     row: dict[str, Any] = {}
+    batch, peak_mem = plan.global_size, {}
     cpu0 = _cpu_seconds()
     scale = (cfg.data.image_size / 224) ** 2
     if what == "train":
@@ -104,26 +132,42 @@ def bench_backend(cfg, what: str, backend: str, device: torch.device, args) -> d
         single = images[:1].clone()
         lat = timed(lambda: eval_step(model, single, trainer.precision), device, args.warmup, args.steps, 1)
         row.update({f"b1_p{q}_ms": 1000 * statistics.quantiles(lat, n=100)[q - 1] for q in (50, 90, 99)} if len(lat) > 1 else {})
-        times = timed(lambda: eval_step(model, images, trainer.precision), device, args.warmup, args.steps, args.window)
+
+        def measure(n: int) -> list[float]:
+            tiled = images.repeat(-(-n // len(images)), 1, 1, 1)[:n]  # the loaded images, repeated
+            if channels_last:
+                tiled = tiled.contiguous(memory_format=torch.channels_last)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times = timed(lambda: eval_step(model, tiled, trainer.precision), device, args.warmup, args.steps, args.window)
+            if device.type == "cuda":
+                peak_mem[n] = torch.cuda.max_memory_allocated(device)
+            return times
+
+        cap = getattr(args, "max_batch", None) or (MAX_BATCH_CUDA if device.type == "cuda" else len(images))
+        batch, times, tried = largest_fitting_batch(measure, len(images), cap, device)
+        row["max_batch_tried"] = tried
         gflop = TRAIN_GFLOP_224 / 3 * scale
     else:
         times = timed(lambda: next(batches), device, args.warmup, args.steps, 1)
         gflop = 0.0
     step = statistics.median(times)
-    ips = plan.global_size / step
-    images_done = (len(times) * (args.window if what != "data" else 1) + args.warmup) * plan.global_size
+    ips = batch / step
+    images_done = (len(times) * (args.window if what != "data" else 1) + args.warmup) * batch
     row = {
         "what": what,
         "backend": backend,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "image_size": cfg.data.image_size,
-        "batch": plan.global_size,
+        "batch": batch,
         "precision": trainer.precision.name if trainer else "-",
         "channels_last": channels_last,
         "compile": cfg.system.compile,
         "img_per_s": ips,
         "step_ms": 1000 * step,
-        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
+        "peak_mem_gib": peak_mem.get(batch, torch.cuda.max_memory_allocated(device)) / 2**30
+        if device.type == "cuda"
+        else float("nan"),
         "mfu_pct": _flop_share(ips, gflop, args.peak_tflops) if gflop else float("nan"),
         "cpu_ms_per_img": 1000 * (_cpu_seconds() - cpu0) / max(images_done, 1),
         "steps": len(times),
@@ -148,6 +192,11 @@ def print_table(rows: list[dict[str, Any]], what: str) -> None:
         print(
             " | ".join(f"{r.get(c, float('nan')):>13.1f}" if isinstance(r.get(c), float) else f"{r.get(c)!s:>13}" for c in cols)
         )
+    for r in rows:
+        if len(r.get("max_batch_tried", ())) > 1:
+            print(
+                f"{r['backend']}: batches tried {', '.join(map(str, r['max_batch_tried']))}; the largest that fit: {r['batch']}"
+            )
     if len(rows) > 1:
         base = rows[0]["img_per_s"]
         print("ratios to " + rows[0]["backend"] + ": " + ", ".join(f"{r['backend']} {r['img_per_s'] / base:.2f}x" for r in rows))

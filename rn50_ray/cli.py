@@ -252,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="steps before measuring")
     p.add_argument("--window", type=int, default=5, help="steps between device syncs; one timing per window")
     p.add_argument("--peak-tflops", type=float, help="the device's peak for this precision, for the FLOP utilisation column")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        help="infer: double the batch from --batch-size up to this while it fits in memory, and report the "
+        "largest's throughput (default: 1024 on a GPU, no search on a CPU)",
+    )
     p.add_argument("--backends", default="synthetic,pytorch", help="comma-separated backends to compare")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")

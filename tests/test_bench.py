@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from rn50_ray.bench import COLUMNS
+from rn50_ray.bench import COLUMNS, largest_fitting_batch
 from rn50_ray.cli import main
+from rn50_ray.errors import UserError
 
 SMOKE = ["--image-size", "32", "--batch-size", "4", "--global-batch", "4", "--steps", "4", "--warmup", "1"]
 SMOKE += ["--window", "1", "--loader-workers", "1", "--peak-tflops", "1"]
@@ -31,7 +33,7 @@ def _table(out: str, what: str) -> list[dict[str, str]]:
     assert header == list(COLUMNS[what]), out
     rows = []
     for line in lines[2:]:
-        if line.startswith("ratios to "):
+        if " | " not in line:  # the ratios and batch-search lines follow the rows
             break
         cells = [c.strip() for c in line.split("|")]
         assert len(cells) == len(header), line
@@ -52,11 +54,30 @@ def test_bench_train_prints_a_row_per_backend_and_their_ratios(tiny_data, capsys
     assert ratios, out
 
 
-def test_bench_infer_prints_batch_1_latency_percentiles(tiny_data, capsys):
-    (row,) = _table(_bench(capsys, "infer", tiny_data, "--backends", "synthetic"), "infer")
+def test_bench_infer_prints_batch_1_latency_percentiles_and_the_largest_batch(tiny_data, capsys):
+    out = _bench(capsys, "infer", tiny_data, "--backends", "synthetic", "--max-batch", "12")
+    (row,) = _table(out, "infer")
     p50, p99 = float(row["b1_p50_ms"]), float(row["b1_p99_ms"])
     assert 0 < p50 <= p99
     assert float(row["img_per_s"]) > 0 and 0 < float(row["mfu_pct"]) < 100
+    # Doubling from --batch-size 4 up to --max-batch 12: the throughput is the largest batch's.
+    assert row["batch"] == "8" and "synthetic: batches tried 4, 8; the largest that fit: 8" in out, out
+
+
+def test_the_batch_search_stops_at_the_first_batch_that_runs_out_of_memory():
+    # GPU memory cannot run out on this CPU-only machine, so the measurement raises torch's own
+    # OutOfMemoryError above 32 images, as a CUDA allocator would.
+    def measure(n: int) -> list[float]:
+        if n > 32:
+            raise torch.OutOfMemoryError(f"CUDA out of memory for {n} images")
+        return [n / 1000]
+
+    cpu = torch.device("cpu")
+    assert largest_fitting_batch(measure, 8, 1024, cpu) == (32, [0.032], [8, 16, 32, 64])
+    assert largest_fitting_batch(measure, 8, 20, cpu) == (16, [0.016], [8, 16])
+    assert largest_fitting_batch(measure, 8, 4, cpu) == (8, [0.008], [8])  # a cap below the start: no search
+    with pytest.raises(UserError, match="--batch-size: a batch of 64 does not fit"):
+        largest_fitting_batch(measure, 64, 1024, cpu)
 
 
 def test_bench_data_times_the_input_pipelines_alone(tiny_data, capsys):
