@@ -12,10 +12,13 @@
    the img/s windows that lie wholly inside a turn count. This VM's speed switches between two levels
    about 17% apart every few to tens of seconds (a lone bare loop shows it), so turns are short and many,
    and each ratio is the median over rounds of one side's turn against the bare loop's turn just before.
+   The step's threads leave one core to Ray's own processes (GCS, raylet, driver, Ray Train's controller
+   and helper actors), as on a GPU node, where the step runs on the GPU and those processes on spare
+   cores. `--threads` equal to the cores measures them contending with the step for every core instead.
 2. Startup: seconds from starting the process to the end of the first training step, for `launch.py train`
-   and for a bare TorchTrainer that trains the same model with the same workers.
+   and for a bare TorchTrainer that trains the same model with the same workers (1 CPU each).
 
-    python bench/overhead.py [--image-size 32] [--batch 32] [--phase-s 6] [--phases 20] [--threads 2]
+    python bench/overhead.py [--image-size 32] [--batch 32] [--phase-s 6] [--phases 20] [--threads N]
                              [--bare-sgd fused|default] [--no-startup] [--json]
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import signal
 import statistics
@@ -194,6 +198,7 @@ def steady_state(opts, storage: str) -> dict:
 
     turn_ratios = {name: ratios(name) for name in ("bare TorchTrainer", "launch.py train")}
     return {
+        "threads": opts.threads,
         "img_per_s": {name: statistics.median(v for t in ts for v in t) for name, ts in turns.items()},
         "windows_counted": {name: sum(map(len, ts)) for name, ts in turns.items()},
         "turn_ratios": turn_ratios,
@@ -213,7 +218,7 @@ def _run(cmd: list[str]) -> tuple[str, float]:
 
 def startups(opts, storage: str) -> dict[str, float]:
     workers = opts.startup_workers
-    text, _ = _run(launch_train_cmd(opts, storage, workers, opts.threads / workers, 1, 2 * opts.batch, "startup"))
+    text, _ = _run(launch_train_cmd(opts, storage, workers, 1, 1, 2 * opts.batch, "startup"))  # as ScalingConfig's default
     ours = float(re.search(r"startup: ([\d.]+) s", text)[1])
     script = [sys.executable, "-c", BARE_TORCHTRAINER, str(workers), str(opts.image_size)]
     text, t0 = _run([*script, str(opts.batch // workers), storage])
@@ -227,7 +232,10 @@ def main() -> int:
     p.add_argument("--phase-s", type=float, default=6.0, help="seconds of each turn")
     p.add_argument("--phases", type=int, default=20, help="turns of each side")
     p.add_argument("--window", type=int, default=5, help="steps per img/s figure (launch.py's --log-every)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (the Ray worker's CPUs)")
+    spare_one = max((os.cpu_count() or 2) - 1, 1)
+    p.add_argument(
+        "--threads", type=int, default=spare_one, help="torch threads, the Ray worker's CPUs (default: all cores but one)"
+    )
     p.add_argument("--startup-workers", type=int, default=2)
     p.add_argument("--bare-sgd", choices=("fused", "default"), default="fused", help="the bare loop's SGD kernel")
     p.add_argument("--no-startup", action="store_true", help="measure the steady state only")

@@ -4,6 +4,7 @@ speeds live in docs/PERFORMANCE.md."""
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -108,3 +109,4 @@ def test_overhead_bench_reads_all_three_sides_in_turns():
     assert list(result["img_per_s"]) == sides and all(result["windows_counted"][s] >= 1 for s in sides)
     assert all(len(result["turn_ratios"][s]) == 1 and result["ratio_to_bare_loop"][s] > 0 for s in sides[1:])
     assert result["ratio_launch_to_bare_torchtrainer"] > 0
+    assert result["threads"] == max(os.cpu_count() - 1, 1)  # by default one core is left to Ray's processes
