@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 import torch
 
-from rn50_ray.core.loop import Trainer, sync_device, use_channels_last
+from rn50_ray.core.loop import Trainer, input_format, sync_device
 from rn50_ray.core.recipe import plan_batches
 from rn50_ray.core.step import eval_step
 from rn50_ray.data import Shard, make_loaders
@@ -102,14 +102,10 @@ def bench_backend(cfg, what: str, backend: str, device: torch.device, args) -> d
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, backend=backend))
     global_size = cfg.batch.global_size or cfg.batch.per_worker
     plan = plan_batches(global_size, 1, cfg.batch.per_worker)
-    channels_last = use_channels_last(cfg.model.memory_format, device)
+    layout = input_format(cfg, device)  # as training's: channels_last, fp16 DALI output under AMP on a GPU
+    channels_last = layout["channels_last"]
     loaders = make_loaders(
-        cfg.data,
-        Shard(0, 1, device),
-        plan.per_rank,
-        global_batch=plan.global_size,
-        seed=cfg.system.seed,
-        channels_last=channels_last,
+        cfg.data, Shard(0, 1, device), plan.per_rank, global_batch=plan.global_size, seed=cfg.system.seed, **layout
     )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.system.cudnn_benchmark

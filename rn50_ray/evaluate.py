@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from rn50_ray.config import Config
-from rn50_ray.core.loop import evaluate, use_channels_last
+from rn50_ray.core.loop import evaluate, input_format
 from rn50_ray.core.model import build_model, model_kwargs
 from rn50_ray.core.state import load_checkpoint
 from rn50_ray.core.step import resolve_precision
@@ -31,12 +31,10 @@ def evaluate_checkpoint(
     data_cfg.loader_workers = workers
     if data_cfg.backend.startswith("dali"):
         data_cfg.backend = "auto"  # the val pipeline training used, on this device (dali-cpu without a GPU)
-    channels_last = use_channels_last(cfg.model.memory_format, dev)
-    loaders = make_loaders(
-        data_cfg, Shard(0, 1, dev), batch_size, global_batch=batch_size, seed=cfg.system.seed, channels_last=channels_last
-    )
+    layout = input_format(cfg, dev)  # the batches training's validation had
+    loaders = make_loaders(data_cfg, Shard(0, 1, dev), batch_size, global_batch=batch_size, seed=cfg.system.seed, **layout)
     num_classes = state["num_classes"]
-    model = build_model(**model_kwargs(cfg.model, num_classes, channels_last)).to(dev)
+    model = build_model(**model_kwargs(cfg.model, num_classes, layout["channels_last"])).to(dev)
     model.load_state_dict(state["model"])
     precision = resolve_precision(cfg.system.precision, dev)
     result: dict[str, Any] = evaluate(model, loaders.val.batches(), num_classes, precision, dev)

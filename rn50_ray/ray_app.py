@@ -157,9 +157,8 @@ def _quiet_report_log() -> None:
 def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
     # Imported here, not at the top: the driver never trains, and torchvision (with torch._dynamo) costs
     # it over a second of startup before Ray even starts the workers.
-    from rn50_ray.core.loop import fit, use_channels_last
+    from rn50_ray.core.loop import fit, input_format
     from rn50_ray.core.recipe import plan_batches
-    from rn50_ray.core.step import resolve_precision
     from rn50_ray.data import Shard, make_loaders
 
     _quiet_report_log()
@@ -173,9 +172,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
         plan.per_rank,
         global_batch=plan.global_size,
         seed=cfg.system.seed,
-        channels_last=use_channels_last(cfg.model.memory_format, ctx.device),
-        fp16_input=ctx.device.type == "cuda" and resolve_precision(cfg.system.precision, ctx.device).autocast_dtype is not None,
         bad_files=payload.get("bad_files", ()),
+        **input_format(cfg, ctx.device),
     )
     return fit(cfg, ctx, loaders, plan)
 

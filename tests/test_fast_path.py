@@ -11,7 +11,7 @@ import torch
 
 from rn50_ray.config import load_config
 from rn50_ray.core.context import LocalContext
-from rn50_ray.core.loop import Trainer, fit, use_channels_last
+from rn50_ray.core.loop import Trainer, fit, input_format, use_channels_last
 from rn50_ray.core.recipe import build_optimizer, plan_batches, sgd_kernel
 from rn50_ray.data import Shard, make_loaders
 from rn50_ray.errors import ConfigError
@@ -45,6 +45,26 @@ def test_memory_format_reaches_the_weights_and_the_input(tiny_data, backend, fmt
 
 def test_memory_format_auto_is_channels_last_on_cuda_only():
     assert use_channels_last("auto", torch.device("cuda", 0)) and not use_channels_last("auto", CPU)
+
+
+@pytest.mark.parametrize(
+    ("precision", "fmt", "on_cuda", "on_cpu"),
+    [
+        ("amp-bf16", "auto", (True, True), (False, False)),
+        ("amp-fp16", "contiguous", (False, True), (False, False)),
+        ("fp32", "channels_last", (True, False), (True, False)),
+    ],
+)
+def test_the_input_layout_training_bench_and_evaluate_share(precision, fmt, on_cuda, on_cpu):
+    # (channels_last, fp16 batches): DALI hands a GPU step under AMP half-precision NHWC batches.
+    cfg = load_config([], {"system.precision": precision, "model.memory_format": fmt})
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # resolving sets them
+    try:
+        for device, want in ((torch.device("cuda", 0), on_cuda), (CPU, on_cpu)):
+            layout = input_format(cfg, device)
+            assert (layout["channels_last"], layout["fp16_input"]) == want, device
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 @pytest.mark.parametrize(
