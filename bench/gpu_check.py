@@ -4,7 +4,8 @@ Needs only torch and torchvision (no Ray, DALI or MLflow): it drives the core la
 rn50_ray.bench. Rows: the training step at batch 256, 224 px, synthetic data, for fp32, tf32,
 amp-bf16 and amp-fp16 with channels_last on and off; the AMP rows again under torch.compile;
 inference. Then, where DALI is installed, the dali-gpu input pipeline alone on generated JPEGs.
-Skips cleanly, with exit status 0 and a message, where there is no CUDA GPU.
+Skips cleanly, with exit status 0 and a message, where there is no CUDA GPU. `--cpu-smoke` runs the
+same rows on the CPU at toy sizes, to prove the script end to end before a GPU's scarce minutes.
 """
 
 from __future__ import annotations
@@ -35,26 +36,35 @@ def peak_tflops(name: str, precision: str) -> float | None:
     return None
 
 
-def row(
-    what, backend, *, precision="amp-bf16", channels_last=True, compile_=False, batch=256, steps=30, warmup=10, data="", size=224
-):
+# The sizes of a measurement on the GPU, and of --cpu-smoke (which measures nothing).
+GPU = {"device": "cuda", "size": 224, "batch": 256, "steps": 30, "warmup": 10, "window": 5, "max_batch": 1024, "jpegs": 1024}
+SMOKE = {"device": "cpu", "size": 32, "batch": 4, "steps": 2, "warmup": 1, "window": 1, "max_batch": 8, "jpegs": 64}
+
+
+def row(what, backend, plan, *, precision="amp-bf16", channels_last=True, compile_=False, steps=None, warmup=None, data=""):
     cfg = load_config(
         [],
         {
             "data.backend": backend,
             "data.path": data,
-            "data.image_size": size,
-            "data.loader_workers": 8,
-            "batch.per_worker": batch,
-            "batch.global_size": batch,
+            "data.image_size": plan["size"],
+            "data.loader_workers": 8 if plan["device"] == "cuda" else 1,
+            "batch.per_worker": plan["batch"],
+            "batch.global_size": plan["batch"],
             "system.precision": precision,
             "system.compile": compile_,
             "model.memory_format": "channels_last" if channels_last else "contiguous",
         },
     )
-    device = torch.device("cuda")
+    device = torch.device(plan["device"])
+    peak = peak_tflops(torch.cuda.get_device_name(), precision) if device.type == "cuda" else None
+    smoke = device.type == "cpu"
     args = argparse.Namespace(
-        steps=steps, warmup=warmup, window=5, peak_tflops=peak_tflops(torch.cuda.get_device_name(), precision)
+        steps=plan["steps"] if smoke or steps is None else steps,
+        warmup=plan["warmup"] if smoke or warmup is None else warmup,
+        window=plan["window"],
+        max_batch=plan["max_batch"],
+        peak_tflops=peak,
     )
     t = time.time()
     r = bench_backend(cfg, what, backend, device, args)
@@ -63,7 +73,7 @@ def row(
     return r
 
 
-def write_jpegs(root: Path, n: int = 1024, classes: int = 8) -> Path:
+def write_jpegs(root: Path, n: int, classes: int = 8) -> Path:
     """Random 500x375 JPEGs (ImageNet's typical size) in train/ and val/ class folders."""
     from PIL import Image
 
@@ -80,26 +90,39 @@ def write_jpegs(root: Path, n: int = 1024, classes: int = 8) -> Path:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="fewer rows: AMP and fp32 with channels_last, no compile")
+    p.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="every row but the compiled ones on the CPU at 32 px, batch 4, 2 steps: checks the script, measures nothing",
+    )
     opts = p.parse_args()
-    if not torch.cuda.is_available():
+    if opts.cpu_smoke:
+        plan = SMOKE
+        print(f"gpu_check --cpu-smoke, torch {torch.__version__}: toy sizes on the CPU, not a measurement", flush=True)
+    elif not torch.cuda.is_available():
         print("skip: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured")
         return 0
-    name = torch.cuda.get_device_name()
-    print(f"gpu_check on {name}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
+    else:
+        plan = GPU
+        name = torch.cuda.get_device_name()
+        print(f"gpu_check on {name}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
     precisions = ("fp32", "amp-bf16", "amp-fp16") if opts.quick else ("fp32", "tf32", "amp-bf16", "amp-fp16")
     layouts = (True,) if opts.quick else (True, False)
-    train = [row("train", "synthetic", precision=pr, channels_last=cl) for pr in precisions for cl in layouts]
-    if not opts.quick:
-        train += [row("train", "synthetic", precision=pr, compile_=True, warmup=15) for pr in ("amp-bf16", "amp-fp16")]
+    train = [row("train", "synthetic", plan, precision=pr, channels_last=cl) for pr in precisions for cl in layouts]
+    # Compiling ResNet50 takes minutes on a CPU; the compile switch has its own test (test_fast_path).
+    if not opts.quick and not opts.cpu_smoke:
+        amp = ("amp-bf16", "amp-fp16")
+        train += [row("train", "synthetic", plan, precision=pr, compile_=True, warmup=15) for pr in amp]
     print_table(train, "train")
-    infer = [row("infer", "synthetic", precision=pr) for pr in ("amp-bf16", "amp-fp16")]
+    infer = [row("infer", "synthetic", plan, precision=pr) for pr in ("amp-bf16", "amp-fp16")]
     print_table(infer, "infer")
     if not dali_available():
         print("skip dali-gpu: nvidia.dali is not installed (pip install nvidia-dali-cuda130==2.4.0)")
         return 0
+    backends = ("dali-cpu",) if opts.cpu_smoke else ("dali-gpu", "dali-cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_jpegs(Path(tmp))
-        dali = [row("data", b, data=str(data), steps=300, warmup=20) for b in ("dali-gpu", "dali-cpu")]
+        data = write_jpegs(Path(tmp), plan["jpegs"])
+        dali = [row("data", b, plan, data=str(data), steps=300, warmup=20) for b in backends]
     print_table(dali, "data")
     return 0
 

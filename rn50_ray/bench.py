@@ -188,14 +188,26 @@ def print_table(rows: list[dict[str, Any]], what: str) -> None:
         print(
             " | ".join(f"{r.get(c, float('nan')):>13.1f}" if isinstance(r.get(c), float) else f"{r.get(c)!s:>13}" for c in cols)
         )
+    label = _labeller(rows)
     for r in rows:
         if len(r.get("max_batch_tried", ())) > 1:
-            print(
-                f"{r['backend']}: batches tried {', '.join(map(str, r['max_batch_tried']))}; the largest that fit: {r['batch']}"
-            )
+            tried = ", ".join(map(str, r["max_batch_tried"]))
+            print(f"{label(r)}: batches tried {tried}; the largest that fit: {r['batch']}")
     if len(rows) > 1:
         base = rows[0]["img_per_s"]
-        print("ratios to " + rows[0]["backend"] + ": " + ", ".join(f"{r['backend']} {r['img_per_s'] / base:.2f}x" for r in rows))
+        print(f"ratios to {label(rows[0])}: " + ", ".join(f"{label(r)} {r['img_per_s'] / base:.2f}x" for r in rows))
+
+
+def _labeller(rows: list[dict[str, Any]]) -> Callable[[dict[str, Any]], str]:
+    """Names a row by what sets it apart from the others: its backend, precision, layout or compile."""
+    names = {
+        "backend": str,
+        "precision": str,
+        "channels_last": lambda on: "channels_last" if on else "contiguous",
+        "compile": lambda on: "compiled" if on else "eager",
+    }
+    varying = [c for c in names if len({str(r.get(c)) for r in rows}) > 1] or ["backend"]
+    return lambda r: "/".join(names[c](r.get(c)) for c in varying)
 
 
 def run_bench(args) -> int:

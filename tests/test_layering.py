@@ -1,6 +1,7 @@
 """The core imports neither ray nor nvidia.dali: it must run on a bare GPU machine."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -54,3 +55,22 @@ def test_gpu_check_skips_cleanly_without_a_gpu():
         return  # a CUDA machine: it measured instead
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "skip: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured"
+
+
+def test_gpu_check_runs_end_to_end_at_toy_sizes_on_the_cpu():
+    # Every row of the GPU table but the compiled ones, on the CPU (DALI kept, for its data row): a bug
+    # found here does not cost a GPU session's few minutes. Ray and MLflow are absent, as there.
+    code = (
+        "import runpy, sys\nfor m in ('ray', 'mlflow'): sys.modules[m] = None\n"
+        "sys.argv = ['gpu_check.py', '--cpu-smoke']\nrunpy.run_path('bench/gpu_check.py', run_name='__main__')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    tables = {t.split(" on cpu")[0]: t for t in out.stdout.split("\nbench ")[1:]}
+    assert list(tables) == ["train", "infer", "data"], out.stdout
+    train = [line.split("|") for line in tables["train"].splitlines()[2:] if " | " in line]
+    precisions = [(r[1].strip(), r[2].strip()) for r in train]
+    assert precisions == [(p, cl) for p in ("fp32", "tf32", "amp-bf16", "amp-fp16") for cl in ("True", "False")]
+    assert "ratios to fp32/channels_last: fp32/channels_last 1.00x, fp32/contiguous" in tables["train"]
+    assert "amp-fp16: batches tried 4, 8; the largest that fit: 8" in tables["infer"]
+    assert re.search(r"^\s+dali-cpu \|\s+32 \|\s+4 \|", tables["data"], re.M), tables["data"]
