@@ -21,9 +21,10 @@ from rn50_ray.errors import DataError
 CPU = torch.device("cpu")
 
 
-def _loaders(data, backend, *, per_rank=20, rank=0, world=1, seed=0):
+def _loaders(data, backend, *, per_rank=20, rank=0, world=1, seed=0, **layout):
     cfg = DataConfig(path=str(data), backend=backend, image_size=32, loader_workers=1)
-    return make_loaders(cfg, Shard(rank, world, CPU), per_rank, global_batch=per_rank * world, seed=seed, channels_last=False)
+    layout = {"channels_last": False, **layout}
+    return make_loaders(cfg, Shard(rank, world, CPU), per_rank, global_batch=per_rank * world, seed=seed, **layout)
 
 
 def test_dali_cpu_is_the_default_where_dali_is_installed(tiny_data):
@@ -55,6 +56,20 @@ def test_val_tensors_match_the_pytorch_backend(tiny_data):
     dali_y = torch.cat([y for _, y in _loaders(tiny_data, "dali-cpu", per_rank=25).val.batches()])
     ref_y = torch.cat([y for _, y in _loaders(tiny_data, "pytorch", per_rank=25).val.batches()])
     assert torch.equal(dali_y, ref_y)
+
+
+def test_fp16_nhwc_batches_as_a_gpu_step_under_amp_gets_them(tiny_data):
+    # The GPU path's layout (half precision, channels_last) from the same pipeline, built here on the CPU.
+    half = _loaders(tiny_data, "dali-cpu", per_rank=25, channels_last=True, fp16_input=True)
+    full = _loaders(tiny_data, "dali-cpu", per_rank=25)
+    train, _ = next(iter(half.train.epoch(0)))
+    assert train.dtype == torch.float16 and train.shape == (25, 3, 32, 32)
+    assert train.is_contiguous(memory_format=torch.channels_last) and not train.is_contiguous()
+    # Val is handed to evaluation in fp32 either way; its values are the fp32 pipeline's, rounded to fp16.
+    (x16, y16), (x32, y32) = next(iter(half.val.batches())), next(iter(full.val.batches()))
+    assert x16.is_contiguous(memory_format=torch.channels_last) and torch.equal(y16, y32)
+    assert torch.equal(x16, x16.half().float()) and not torch.equal(x32, x32.half().float())
+    assert torch.allclose(x16, x32, rtol=1e-3, atol=1e-3)
 
 
 def test_shards_cover_the_dataset_with_equal_steps(tiny_data):
