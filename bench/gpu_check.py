@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rn50_ray.bench import bench_backend, print_table
 from rn50_ray.config import load_config
 from rn50_ray.data import dali_available
+from rn50_ray.evaluate import pick_device
 
 # Dense peak TFLOP/s (SXM parts) for the utilisation column: fp32, tf32, 16-bit.
 PEAKS = {"H200": (67, 494, 989), "H100": (67, 494, 989), "A100": (19.5, 156, 312)}
@@ -56,7 +57,7 @@ def row(what, backend, plan, *, precision="amp-bf16", channels_last=True, compil
             "model.memory_format": "channels_last" if channels_last else "contiguous",
         },
     )
-    device = torch.device(plan["device"])
+    device = pick_device(plan["device"])  # cuda:N, as DALI's device_id needs
     peak = peak_tflops(torch.cuda.get_device_name(), precision) if device.type == "cuda" else None
     smoke = device.type == "cpu"
     args = argparse.Namespace(

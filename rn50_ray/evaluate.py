@@ -15,9 +15,12 @@ from rn50_ray.data import Shard, make_loaders
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """`auto`, `cpu`, `cuda` or `cuda:N`. A CUDA device always carries its index: DALI's GPU
+    pipelines take it as device_id, and a bare `cuda` would leave them CPU-only."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def evaluate_checkpoint(
