@@ -89,7 +89,9 @@ def _to_torch(batch, nhwc: bool, device: torch.device) -> tuple[torch.Tensor, to
     images = batch[0]["images"]
     if nhwc:
         images = images.permute(0, 3, 1, 2)  # NHWC memory, NCHW shape: channels_last at no cost
-    return images.to(device, non_blocking=True), batch[0]["labels"].view(-1).long().to(device)
+    # Both copies non-blocking: a blocking one to a GPU waits for every step queued before it.
+    labels = batch[0]["labels"].view(-1).to(device, non_blocking=True).long()
+    return images.to(device, non_blocking=True), labels
 
 
 @pipeline_def
@@ -109,7 +111,7 @@ def train_pipeline(files, labels, *, shard_id, num_shards, size, area_min, gpu, 
         images = fn.decoders.image_random_crop(jpegs, device="cpu", **decode_args)
     images = fn.resize(images, resize_x=size, resize_y=size, antialias=False)
     mirror = fn.random.coin_flip(probability=0.5)
-    return _normalize(images, mirror, size=size, fp16=fp16, nhwc=nhwc), label
+    return _normalize(images, mirror, size=size, fp16=fp16, nhwc=nhwc), _labels_on(label, gpu)
 
 
 @pipeline_def
@@ -117,7 +119,13 @@ def val_pipeline(files, labels, *, shard_id, num_shards, size, crop_ratio, gpu, 
     jpegs, label = _read(files, labels, shard_id=shard_id, num_shards=num_shards, train=False)
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
     images = fn.resize(images, resize_shorter=round(size / crop_ratio), antialias=False)
-    return _normalize(images, 0, size=size, fp16=fp16, nhwc=nhwc), label
+    return _normalize(images, 0, size=size, fp16=fp16, nhwc=nhwc), _labels_on(label, gpu)
+
+
+def _labels_on(label, gpu: bool):
+    """The reader's labels are on the CPU; a GPU pipeline hands them over on the GPU too, as DALI's
+    examples do, so the step never waits on a host-to-device copy."""
+    return label.gpu() if gpu else label
 
 
 def _lists(split: Split) -> tuple[list[str], list[int]]:
