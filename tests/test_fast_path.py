@@ -118,16 +118,18 @@ def test_prefetch_switch_sets_dali_and_dataloader_depth(tiny_data, depth):
     assert torch_loaders.train.loader.pin_memory is False  # pinned memory only when the device is a GPU
 
 
-def _ten_synthetic_steps(data, ctx) -> None:
+def _ten_synthetic_steps(data, ctx, **extra) -> None:
     """One epoch of 10 steps of 20 synthetic images, logged every 5 steps."""
     overrides = {"data.synthetic_samples": 200, "run.log_every": 5, "schedule.epochs": 1, "schedule.warmup_epochs": 0}
-    cfg = _cfg(data, **{"data.backend": "synthetic", **overrides})
+    cfg = _cfg(data, **{"data.backend": "synthetic", **overrides, **extra})
     loaders = make_loaders(cfg.data, Shard(0, 1, CPU), 20, global_batch=20, seed=0, channels_last=False)
     fit(cfg, ctx, loaders, plan_batches(20, 1, 20))
 
 
-def test_training_reads_the_host_only_at_log_intervals(tiny_data, tmp_path, monkeypatch):
-    # 10 steps logged every 5: device -> host reads must scale with intervals and epochs, not with steps.
+@pytest.mark.parametrize("ema_decay", [0.0, 0.99])
+def test_training_reads_the_host_only_at_log_intervals(tiny_data, tmp_path, monkeypatch, ema_decay):
+    # 10 steps logged every 5: device -> host reads must scale with intervals and epochs, not with steps,
+    # with the weight EMA on too (torch's AveragedModel.update_parameters read the host twice a step).
     reads = []
     for name in ("item", "tolist", "__float__", "__bool__"):
         real = getattr(torch.Tensor, name)
@@ -139,10 +141,11 @@ def test_training_reads_the_host_only_at_log_intervals(tiny_data, tmp_path, monk
         monkeypatch.setattr(torch.Tensor, name, counted)
     ctx = LocalContext(tmp_path, quiet=True)
     start = len(reads)
-    _ten_synthetic_steps(tiny_data, ctx)
+    _ten_synthetic_steps(tiny_data, ctx, **{"optim.ema_decay": ema_decay})
     steps = ctx.reports[-1]["step"]
-    assert steps == 10
-    assert len(reads) - start <= 12, reads[start:]  # 2 intervals and 1 epoch end: a few reads each, never one per step
+    assert steps == 10 and ("val_ema/top1" in ctx.reports[-1]) == bool(ema_decay)
+    limit = 12 if not ema_decay else 12 + 6  # the EMA model's own epoch-end evaluation reads a few more
+    assert len(reads) - start <= limit, reads[start:]  # 2 intervals and 1 epoch end: a few reads each, never one per step
 
 
 class _Draining(LocalContext):

@@ -2,10 +2,11 @@ import math
 
 import pytest
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from rn50_ray.config import OptimConfig, ScheduleConfig
 from rn50_ray.core.model import build_model
-from rn50_ray.core.recipe import build_optimizer, build_scheduler, param_groups, peak_lr, plan_batches
+from rn50_ray.core.recipe import build_ema, build_optimizer, build_scheduler, param_groups, peak_lr, plan_batches
 
 
 def lr_curve(kind: str, epochs=10, warmup=2, spe=10, base=2.048, **kw) -> list[float]:
@@ -86,3 +87,31 @@ def test_batch_plan_keeps_the_global_batch(world, micro, accum):
     assert (plan.micro, plan.accum) == (micro, accum)
     assert plan.micro * plan.accum * world == 2048
     assert plan.steps_per_epoch(1_281_167) == 625
+
+
+def test_weight_ema_follows_nvidias_formula_without_reading_the_device(monkeypatch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    ema = build_ema(model, 0.9)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}  # it starts from the weights it was made with
+    reads = []
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _r=real, _n=name, **k: reads.append(_n) or _r(self, *a, **k))
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(8, 4))  # train mode: BatchNorm's running stats and batch count move too
+        ema.update_parameters(model)
+        for k, v in model.state_dict().items():
+            expected[k] = 0.9 * expected[k] + 0.1 * v if v.is_floating_point() else v.clone()
+    monkeypatch.undo()
+    assert reads == []  # each would be a GPU sync per step
+    got = {k.removeprefix("module."): v for k, v in ema.state_dict().items() if k != "n_averaged"}
+    assert got.keys() == expected.keys()
+    for k, v in expected.items():
+        assert torch.allclose(got[k], v, atol=1e-6), k
+    assert got["1.num_batches_tracked"].item() == 3 and ema.n_averaged.item() == 3
+    loaded = AveragedModel(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)), use_buffers=True)
+    loaded.load_state_dict(ema.state_dict())  # as `launch.py evaluate` loads a checkpoint's EMA

@@ -5,6 +5,7 @@ Every function takes plain values or one config section, never the whole config 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -130,7 +131,26 @@ def build_mixup(alpha: float, num_classes: int):
     return v2.MixUp(alpha=alpha, num_classes=num_classes)
 
 
-def build_ema(model: nn.Module, decay: float) -> AveragedModel | None:
-    if decay <= 0:
-        return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+class WeightEMA(AveragedModel):
+    """NVIDIA's weight EMA, ema = decay * ema + (1 - decay) * weights, starting from the weights it is
+    made with, inside torch's AveragedModel (so checkpoints and evaluation load it as one).
+    update_parameters is written here because torch's reads n_averaged on the host twice a step,
+    and each read is a GPU sync."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        ours = itertools.chain(self.module.parameters(), self.module.buffers())
+        pairs = list(zip(ours, itertools.chain(model.parameters(), model.buffers()), strict=True))
+        floats = [(a, m.detach()) for a, m in pairs if a.is_floating_point()]
+        self.multi_avg_fn([a for a, _ in floats], [m for _, m in floats], self.n_averaged)
+        for a, m in pairs:
+            if not a.is_floating_point():
+                a.copy_(m)  # BatchNorm's num_batches_tracked: a count, not averaged
+        self.n_averaged += 1  # a CPU tensor: no device work
+
+
+def build_ema(model: nn.Module, decay: float) -> WeightEMA | None:
+    return WeightEMA(model, decay) if decay > 0 else None
