@@ -41,6 +41,23 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def host_reads(monkeypatch) -> list[str]:
+    """From now on, the name of every device -> host read of a tensor (on a GPU, each is a sync)."""
+    import torch
+
+    reads: list[str] = []
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            reads.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+@pytest.fixture
 def copy_of(tmp_path):
     def _copy(src: Path) -> Path:
         dst = tmp_path / "data"

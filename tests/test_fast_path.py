@@ -127,18 +127,10 @@ def _ten_synthetic_steps(data, ctx, **extra) -> None:
 
 
 @pytest.mark.parametrize("ema_decay", [0.0, 0.99])
-def test_training_reads_the_host_only_at_log_intervals(tiny_data, tmp_path, monkeypatch, ema_decay):
+def test_training_reads_the_host_only_at_log_intervals(tiny_data, tmp_path, host_reads, ema_decay):
     # 10 steps logged every 5: device -> host reads must scale with intervals and epochs, not with steps,
     # with the weight EMA on too (torch's AveragedModel.update_parameters read the host twice a step).
-    reads = []
-    for name in ("item", "tolist", "__float__", "__bool__"):
-        real = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _real=real, _name=name, **k):
-            reads.append(_name)
-            return _real(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    reads = host_reads
     ctx = LocalContext(tmp_path, quiet=True)
     start = len(reads)
     _ten_synthetic_steps(tiny_data, ctx, **{"optim.ema_decay": ema_decay})
