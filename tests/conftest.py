@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -38,6 +39,25 @@ def tiny_data(tmp_path_factory) -> Path:
     """20 train and 5 val images per class: fast runs that only need to go through the motions."""
     _need_fashion_mnist()
     return prepare_sample(tmp_path_factory.mktemp("data") / "tiny", train_per_class=20, val_per_class=5, size=32)
+
+
+def bench_table(out: str, what: str) -> list[dict[str, str]]:
+    """The rows of a table printed by `bench` (rn50_ray.bench.print_table) on the CPU at 32 px, by column
+    name; fails on any line that does not fit the columns."""
+    from rn50_ray.bench import COLUMNS
+
+    lines = out.strip().splitlines()
+    assert re.fullmatch(rf"bench {what} on cpu, 32 px", lines[0]), out
+    header = [c.strip() for c in lines[1].split("|")]
+    assert header == list(COLUMNS[what]), out
+    rows = []
+    for line in lines[2:]:
+        if " | " not in line:  # the ratios and batch-search lines follow the rows
+            break
+        cells = [c.strip() for c in line.split("|")]
+        assert len(cells) == len(header), line
+        rows.append(dict(zip(header, cells, strict=True)))
+    return rows
 
 
 @pytest.fixture

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import bench_table
 
-from rn50_ray.bench import COLUMNS, largest_fitting_batch
+from rn50_ray.bench import largest_fitting_batch
 from rn50_ray.cli import main
 from rn50_ray.errors import UserError
 
@@ -26,25 +27,9 @@ def _bench(capsys, what: str, data, *extra: str) -> str:
     return capsys.readouterr().out
 
 
-def _table(out: str, what: str) -> list[dict[str, str]]:
-    """The rows of a printed table, by column name; fails on any line that does not fit the columns."""
-    lines = out.strip().splitlines()
-    assert re.fullmatch(rf"bench {what} on cpu, 32 px", lines[0]), out
-    header = [c.strip() for c in lines[1].split("|")]
-    assert header == list(COLUMNS[what]), out
-    rows = []
-    for line in lines[2:]:
-        if " | " not in line:  # the ratios and batch-search lines follow the rows
-            break
-        cells = [c.strip() for c in line.split("|")]
-        assert len(cells) == len(header), line
-        rows.append(dict(zip(header, cells, strict=True)))
-    return rows
-
-
 def test_bench_train_prints_a_row_per_backend_and_their_ratios(tiny_data, capsys):
     out = _bench(capsys, "train", tiny_data, "--backends", "synthetic,pytorch,dali-cpu", "--precision", "fp32")
-    rows = _table(out, "train")
+    rows = bench_table(out, "train")
     assert [r["backend"] for r in rows] == ["synthetic", "pytorch", "dali-cpu"]
     for r in rows:
         assert r["precision"] == "fp32" and r["batch"] == "4" and r["compile"] == "False"
@@ -57,7 +42,7 @@ def test_bench_train_prints_a_row_per_backend_and_their_ratios(tiny_data, capsys
 
 def test_bench_infer_prints_batch_1_latency_percentiles_and_the_largest_batch(tiny_data, capsys):
     out = _bench(capsys, "infer", tiny_data, "--backends", "synthetic", "--max-batch", "12")
-    (row,) = _table(out, "infer")
+    (row,) = bench_table(out, "infer")
     p50, p99 = float(row["b1_p50_ms"]), float(row["b1_p99_ms"])
     assert 0 < p50 <= p99
     assert float(row["img_per_s"]) > 0 and 0 < float(row["mfu_pct"]) < 100
@@ -82,7 +67,7 @@ def test_the_batch_search_stops_at_the_first_batch_that_runs_out_of_memory():
 
 
 def test_bench_data_times_the_input_pipelines_alone(tiny_data, capsys):
-    rows = _table(_bench(capsys, "data", tiny_data, "--backends", "pytorch,dali-cpu"), "data")
+    rows = bench_table(_bench(capsys, "data", tiny_data, "--backends", "pytorch,dali-cpu"), "data")
     assert [r["backend"] for r in rows] == ["pytorch", "dali-cpu"]
     for r in rows:
         assert float(r["img_per_s"]) > 0 and int(r["steps"]) == 4

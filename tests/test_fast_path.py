@@ -130,14 +130,14 @@ def _ten_synthetic_steps(data, ctx, **extra) -> None:
 def test_training_reads_the_host_only_at_log_intervals(tiny_data, tmp_path, host_reads, ema_decay):
     # 10 steps logged every 5: device -> host reads must scale with intervals and epochs, not with steps,
     # with the weight EMA on too (torch's AveragedModel.update_parameters read the host twice a step).
-    reads = host_reads
     ctx = LocalContext(tmp_path, quiet=True)
-    start = len(reads)
+    start = len(host_reads)
     _ten_synthetic_steps(tiny_data, ctx, **{"optim.ema_decay": ema_decay})
     steps = ctx.reports[-1]["step"]
     assert steps == 10 and ("val_ema/top1" in ctx.reports[-1]) == bool(ema_decay)
     limit = 12 if not ema_decay else 12 + 6  # the EMA model's own epoch-end evaluation reads a few more
-    assert len(reads) - start <= limit, reads[start:]  # 2 intervals and 1 epoch end: a few reads each, never one per step
+    # 2 intervals and 1 epoch end: a few reads each, never one per step
+    assert len(host_reads) - start <= limit, host_reads[start:]
 
 
 class _Draining(LocalContext):

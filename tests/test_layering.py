@@ -1,11 +1,10 @@
 """The core imports neither ray nor nvidia.dali: it must run on a bare GPU machine."""
 
 import json
-import re
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, bench_table
 
 CORE = [
     "rn50_ray.core.model",
@@ -66,11 +65,13 @@ def test_gpu_check_runs_end_to_end_at_toy_sizes_on_the_cpu():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    tables = {t.split(" on cpu")[0]: t for t in out.stdout.split("\nbench ")[1:]}
+    tables = {t.split(" on cpu")[0]: "bench " + t for t in out.stdout.split("\nbench ")[1:]}
     assert list(tables) == ["train", "infer", "data"], out.stdout
-    train = [line.split("|") for line in tables["train"].splitlines()[2:] if " | " in line]
-    precisions = [(r[1].strip(), r[2].strip()) for r in train]
+    train = bench_table(tables["train"], "train")
+    precisions = [(r["precision"], r["channels_last"]) for r in train]
     assert precisions == [(p, cl) for p in ("fp32", "tf32", "amp-bf16", "amp-fp16") for cl in ("True", "False")]
     assert "ratios to fp32/channels_last: fp32/channels_last 1.00x, fp32/contiguous" in tables["train"]
+    assert [r["batch"] for r in bench_table(tables["infer"], "infer")] == ["8", "8"]
     assert "amp-fp16: batches tried 4, 8; the largest that fit: 8" in tables["infer"]
-    assert re.search(r"^\s+dali-cpu \|\s+32 \|\s+4 \|", tables["data"], re.M), tables["data"]
+    (data,) = bench_table(tables["data"], "data")
+    assert (data["backend"], data["image_size"], data["batch"]) == ("dali-cpu", "32", "4"), tables["data"]
