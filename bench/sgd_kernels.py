@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rn50_ray.bench import timed
 from rn50_ray.config import load_config
-from rn50_ray.core.loop import Trainer
-from rn50_ray.core.recipe import plan_batches
+from rn50_ray.core.batching import plan_batches
+from rn50_ray.core.trainer import Trainer
 
 KERNELS = ("for-loop", "foreach", "fused")
 

@@ -15,17 +15,37 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
 import torch
 
-from rn50_ray.core.loop import Trainer, input_format, sync_device
-from rn50_ray.core.recipe import plan_batches
+from rn50_ray.core.batching import plan_batches
+from rn50_ray.core.loop import sync_device
 from rn50_ray.core.step import eval_step
-from rn50_ray.data import Shard, make_loaders
+from rn50_ray.core.trainer import Trainer, input_format
+from rn50_ray.data.loaders import make_loaders
+from rn50_ray.data.types import Shard
 from rn50_ray.errors import UserError
 from rn50_ray.evaluate import pick_device
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """How to measure; the config says what (model, batch, precision, data)."""
+
+    what: str = "train"  # train | infer | data
+    backends: tuple[str, ...] = ("synthetic",)
+    image_sizes: tuple[int, ...] = ()  # one table per size; empty is data.image_size
+    device: str = "auto"
+    steps: int = 20  # measured steps after the warm-up
+    warmup: int = 5
+    window: int = 5  # steps between device syncs; one timing per window
+    peak_tflops: float | None = None
+    max_batch: int | None = None  # infer: the batch search's cap
+    json: bool = False
+
 
 TRAIN_GFLOP_224 = 24.7  # forward + backward of ResNet50 per 224 px image (3 x 8.2 GFLOP)
 MAX_BATCH_CUDA = 1024  # where `bench infer` stops doubling the batch on a GPU unless --max-batch says
@@ -98,15 +118,13 @@ def _flop_share(img_per_s: float, gflop_per_img: float, peak_tflops: float | Non
     return 100 * img_per_s * gflop_per_img / (peak_tflops * 1000) if peak_tflops else float("nan")
 
 
-def bench_backend(cfg, what: str, backend: str, device: torch.device, args) -> dict[str, Any]:
+def bench_backend(cfg, what: str, backend: str, device: torch.device, args: BenchOptions) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, backend=backend))
     global_size = cfg.batch.global_size or cfg.batch.per_worker
     plan = plan_batches(global_size, 1, cfg.batch.per_worker)
     layout = input_format(cfg, device)  # as training's: channels_last, fp16 DALI output under AMP on a GPU
     channels_last = layout["channels_last"]
-    loaders = make_loaders(
-        cfg.data, Shard(0, 1, device), plan.per_rank, global_batch=plan.global_size, seed=cfg.system.seed, **layout
-    )
+    loaders = make_loaders(cfg.data, Shard(0, 1, device), plan, seed=cfg.system.seed, **layout)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.system.cudnn_benchmark
         torch.cuda.reset_peak_memory_stats(device)
@@ -140,7 +158,7 @@ def bench_backend(cfg, what: str, backend: str, device: torch.device, args) -> d
                 peak_mem[n] = torch.cuda.max_memory_allocated(device)
             return times
 
-        cap = getattr(args, "max_batch", None) or (MAX_BATCH_CUDA if device.type == "cuda" else len(images))
+        cap = args.max_batch or (MAX_BATCH_CUDA if device.type == "cuda" else len(images))
         batch, times, tried = largest_fitting_batch(measure, len(images), cap, device)
         row["max_batch_tried"] = tried
         gflop = TRAIN_GFLOP_224 / 3 * scale
@@ -210,15 +228,14 @@ def _labeller(rows: list[dict[str, Any]]) -> Callable[[dict[str, Any]], str]:
     return lambda r: "/".join(names[c](r.get(c)) for c in varying)
 
 
-def run_bench(args) -> int:
-    from rn50_ray.cli import config_from_args
-
-    cfg = config_from_args(args)
-    device = pick_device(args.device)
-    torch.manual_seed(cfg.system.seed)
-    rows = [bench_backend(cfg, args.what, b.strip(), device, args) for b in args.backends.split(",")]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        print_table(rows, args.what)
+def run_bench(cfg, opts: BenchOptions) -> int:
+    device = pick_device(opts.device)
+    for size in opts.image_sizes or (cfg.data.image_size,):
+        sized = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size, val_image_size=0))
+        torch.manual_seed(cfg.system.seed)
+        rows = [bench_backend(sized, opts.what, b, device, opts) for b in opts.backends]
+        if opts.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print_table(rows, opts.what)
     return 0

@@ -1,4 +1,4 @@
-"""`launch.py` subcommands: train, evaluate, prepare-sample, bench.
+"""`launch.py` subcommands: train, tune, evaluate, bench, ui, prepare-sample, prepare-imagenet.
 
 Flags are shortcuts for config keys; `--set key=value` reaches every key. Bad input ends
 with one line on stderr and exit status 2, never a traceback.
@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from rn50_ray.config import Config, field_help, load_config, parse_override
+from rn50_ray import __version__
+from rn50_ray.config import Config, choices_of, field_help, load_config, merge, parse_override, read_yaml
 from rn50_ray.errors import UserError
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -23,9 +26,11 @@ TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--data": ("data.path", {}),
     "--backend": ("data.backend", {}),
     "--image-size": ("data.image_size", {"type": int}),
+    "--val-image-size": ("data.val_image_size", {"type": int}),
     "--loader-workers": ("data.loader_workers", {"type": int}),
     "--skip-bad-images": ("data.skip_bad_images", {"action": "store_const", "const": True}),
     "--arch": ("model.arch", {}),
+    "--blurpool": ("model.blurpool", {"action": "store_const", "const": True}),
     "--epochs": ("schedule.epochs", {"type": int}),
     "--warmup-epochs": ("schedule.warmup_epochs", {"type": float}),
     "--lr-schedule": ("schedule.kind", {}),
@@ -35,6 +40,7 @@ TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--momentum": ("optim.momentum", {"type": float}),
     "--mixup": ("optim.mixup_alpha", {"type": float}),
     "--ema": ("optim.ema_decay", {"type": float}),
+    "--flip-tta": ("eval.flip_tta", {"action": "store_const", "const": True}),
     "--precision": ("system.precision", {}),
     "--compile": ("system.compile", {"action": "store_const", "const": True}),
     "--seed": ("system.seed", {"type": int}),
@@ -64,35 +70,71 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
+def _recipes() -> list[str]:
+    return sorted(f.stem for f in RECIPES.glob("*.yaml"))
+
+
 def add_config_args(p: argparse.ArgumentParser) -> None:
     helps = field_help()
     p.add_argument("--config", action="append", default=[], metavar="YAML", help="config file (repeatable; later files win)")
-    p.add_argument(
-        "--recipe", help=f"a recipe from {RECIPES.name}/: " + ", ".join(sorted(f.stem for f in RECIPES.glob("*.yaml")))
-    )
+    p.add_argument("--recipe", choices=_recipes(), help=f"a recipe from {RECIPES.name}/")
     for flag, (key, opts) in TRAIN_FLAGS.items():
-        p.add_argument(flag, dest=key, default=None, help=f"{key}: {helps[key]}", **opts)
+        choices = choices_of(key)
+        p.add_argument(
+            flag, dest=key, default=None, help=f"{key}: {helps[key]}", **({"choices": choices} if choices else {}), **opts
+        )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. optim.nesterov=true")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    """Recipe and config files, then the flags (each checked under its own name), then --set. A recipe's warmup
+    that no longer fits a shorter --epochs is scaled with it, and a line says so."""
     files = list(args.config)
     if args.recipe:
-        recipe = RECIPES / f"{args.recipe}.yaml"
-        if not recipe.is_file():
-            raise UserError(
-                f"--recipe: no recipe {args.recipe!r}; choose from " + ", ".join(sorted(f.stem for f in RECIPES.glob("*.yaml")))
-            )
-        files.insert(0, str(recipe))
-    overrides = {key: getattr(args, key) for key, _ in TRAIN_FLAGS.values() if getattr(args, key) is not None}
+        files.insert(0, str(RECIPES / f"{args.recipe}.yaml"))
+    cfg = Config()
+    for path in files:
+        cfg = merge(cfg, read_yaml(path, "config file"), str(path))
+    flags = {flag: key for flag, (key, _) in TRAIN_FLAGS.items()}
+    overrides: dict[str, Any] = {}
+    for flag, key in flags.items():
+        value = getattr(args, key)
+        if value is not None:
+            merge(cfg, {key: value}, flag)  # checks the value, naming the flag
+            overrides[key] = value
     overrides.update(dict(parse_override(s) for s in args.set))
+    _scale_warmup(cfg, overrides)
     return load_config(files, overrides)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from rn50_ray.ray_app import run_training
+def _scale_warmup(cfg: Config, overrides: dict[str, Any]) -> None:
+    """NVIDIA's recipes warm up for 8 of 90 epochs; asked for fewer epochs than that, the warmup shrinks in
+    proportion (as if the recipe were written for that length), unless --warmup-epochs says otherwise."""
+    epochs, warmup = overrides.get("schedule.epochs"), cfg.schedule.warmup_epochs
+    if not isinstance(epochs, int) or "schedule.warmup_epochs" in overrides or not 0 < epochs <= warmup:
+        return
+    scaled = round(warmup * epochs / cfg.schedule.epochs, 3)
+    overrides["schedule.warmup_epochs"] = scaled
+    print(
+        f"note: schedule.warmup_epochs: the recipe's {warmup:g} of {cfg.schedule.epochs} epochs is scaled to {scaled:g} "
+        f"for {epochs} epochs; pass --warmup-epochs to choose",
+        file=sys.stderr,
+        flush=True,
+    )
 
-    summary = run_training(config_from_args(args))
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.dry_run:
+        from rn50_ray.config import resolve
+        from rn50_ray.dry_run import describe
+
+        print(f"dry run (nothing started): run {resolve(cfg).run.name!r}")
+        print(describe(resolve(cfg)))
+        return 0
+    from rn50_ray.driver import run_training
+
+    summary = run_training(cfg)
     line = (
         f"summary: {summary.get('epoch', 0)} epochs, {summary.get('step', 0)} steps, val top1 "
         f"{summary.get('val/top1', float('nan')):.2f}% top5 {summary.get('val/top5', float('nan')):.2f}% "
@@ -105,7 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if summary.get("checkpoint"):
         print(f"latest checkpoint: {summary['checkpoint']}")
     if summary.get("mlflow"):
-        print(f"MLflow: {summary['mlflow']} (python launch.py ui --storage {Path(summary['run_uri']).parent} to browse)")
+        print(f"MLflow: {summary['mlflow']} (python launch.py ui --storage {cfg.run.storage} to browse)")
     if summary.get("best_checkpoint"):
         print(f"best checkpoint: {summary['best_checkpoint']} (val top1 {summary.get('best_top1', 0):.2f}%)")
     return 0
@@ -115,14 +157,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from rn50_ray.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(
-        args.checkpoint, data=args.data, batch_size=args.batch_size, device=args.device, workers=args.loader_workers
+        args.checkpoint,
+        data=args.data,
+        batch_size=args.batch_size,
+        device=args.device,
+        workers=args.loader_workers,
+        flip_tta=args.flip_tta,
+        image_size=args.image_size,
     )
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
         print(
             f"top1 {result['top1']:.2f}%  top5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
-            f"({result['images']} images, epoch {result['epoch']})"
+            f"({result['images']} images at {result['image_size']} px, epoch {result['epoch']})"
         )
         if "ema_top1" in result:
             print(f"EMA: top1 {result['ema_top1']:.2f}%  top5 {result['ema_top5']:.2f}%  loss {result['ema_loss']:.4f}")
@@ -145,22 +193,32 @@ def cmd_prepare_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from rn50_ray.ray_app import read_run_file
-    from rn50_ray.tune.runner import run_search
+    from rn50_ray import run_folder
     from rn50_ray.tune.spaces import load_space
 
     cfg = config_from_args(args)
     if args.resume:
         name = args.resume
-        base = Path(cfg.run.storage) / name
-        if read_run_file(str(base.resolve()), "space.yaml") is None:
+        search = run_folder.join(run_folder.absolute(cfg.run.storage), name)
+        text = run_folder.read_file(search, "space.yaml")
+        if text is None:
             raise UserError(f"tune --resume: no search {name!r} in {cfg.run.storage}")
-        space = load_space(base / "space.yaml")
+        space = load_space(text=text, source=run_folder.join(search, "space.yaml"))
     else:
         if not args.space:
             raise UserError("tune: --space FILE is required (see tune_spaces/), or --resume NAME")
         space = load_space(args.space)
         name = cfg.run.name or f"search-{Path(args.space).stem}"
+    if args.dry_run:
+        from rn50_ray.config import resolve
+        from rn50_ray.dry_run import describe
+        from rn50_ray.tune.runner import trial_base
+
+        print(f"dry run (nothing started): search {name!r} of {space.num_samples} sample(s) over {', '.join(space.params)}")
+        print(describe(resolve(trial_base(space, cfg))))
+        return 0
+    from rn50_ray.tune.runner import run_search
+
     summary = run_search(space, cfg, name=name, storage=cfg.run.storage, resume=bool(args.resume))
     rows = summary["rows"]
     if rows:
@@ -184,8 +242,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    import subprocess
-
     from rn50_ray.tracking import embedded_store
 
     uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
@@ -197,57 +253,92 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if artifacts:
         cmd += ["--default-artifact-root", artifacts]
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
-    return subprocess.call(cmd)
+    return run_process_group(cmd)
+
+
+def run_process_group(cmd: list[str]) -> int:
+    """Run `cmd` in a process group of its own, and take the whole group down with this process: on Ctrl-C,
+    and on SIGTERM from a service manager or `kill` (mlflow ui's uvicorn and job-runner children included)."""
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def stop(signum, _frame) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return proc.wait()
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from rn50_ray.bench import run_bench
+    from rn50_ray.bench import BenchOptions, run_bench
 
-    return run_bench(args)
+    opts = BenchOptions(
+        what=args.what,
+        backends=tuple(b.strip() for b in args.backends.split(",")),
+        image_sizes=tuple(args.image_sizes or ()),
+        device=args.device,
+        steps=args.steps,
+        warmup=args.warmup,
+        window=args.window,
+        peak_tflops=args.peak_tflops,
+        max_batch=args.max_batch,
+        json=args.json,
+    )
+    return run_bench(config_from_args(args), opts)
+
+
+def cmd_prepare_imagenet(args: argparse.Namespace) -> int:
+    from rn50_ray.data.imagenet import prepare_imagenet
+
+    report = prepare_imagenet(
+        args.source, args.out, workers=args.workers, verify_md5=not args.no_md5, expect_full=not args.subset
+    )
+    print(report)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="launch.py", description="ResNet50 v1.5 with NVIDIA's recipe on Ray Train")
+    parser.add_argument("--version", action="version", version=f"rn50-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train (or resume) a run through Ray Train")
     add_config_args(p)
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the resolved run and its batch plan at every world size, start nothing"
+    )
     p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("evaluate", help="top-1/top-5/loss of a checkpoint on the val split, without Ray")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint folder (or its state.pt)")
-    p.add_argument("--data", help="data folder; default: the one the checkpoint was trained on")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--loader-workers", type=int, default=2)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("prepare-sample", help="write a small ImageNet-style JPEG folder from Fashion-MNIST")
-    p.add_argument("--out", required=True)
-    p.add_argument("--train-per-class", type=int, default=100)
-    p.add_argument("--val-per-class", type=int, default=20)
-    p.add_argument("--size", type=int, default=32, help="image side in pixels")
-    p.add_argument("--source", default="/usr/share/datasets/fashion-mnist")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=cmd_prepare_sample)
 
     p = sub.add_parser("tune", help="a Ray Tune search over config keys; each trial is a Ray Train run")
     p.add_argument("--space", help="a search space file (tune_spaces/*.yaml)")
     p.add_argument("--resume", metavar="NAME", help="continue the interrupted search NAME in --storage")
     add_config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print a trial's resolved run and batch plan, start nothing")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the runs' tracking store and print its URL")
-    p.add_argument("--storage", default="./runs", help="run.storage of the runs (its embedded store is used)")
-    p.add_argument("--mlflow-uri", default="", help="a tracking URI instead of the embedded store")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
-    p.set_defaults(func=cmd_ui)
+    p = sub.add_parser("evaluate", help="top-1/top-5/loss of a checkpoint on the val split, without Ray")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder (or its state.pt), local or a storage URI")
+    p.add_argument("--data", help="data folder; default: the one the checkpoint was trained on")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, help="val crop size; default: the run's (data.val_image_size)")
+    p.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None, help="default: the run's eval.flip_tta")
+    p.add_argument("--loader-workers", type=int, default=2)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="throughput of the training step, of inference and of the input pipelines")
     p.add_argument("what", choices=("train", "infer", "data"))
     add_config_args(p)
+    p.add_argument("--image-sizes", type=int, nargs="+", metavar="PX", help="one table per size (e.g. 160 192 224)")
     p.add_argument("--steps", type=int, default=20, help="measured steps after the warm-up")
     p.add_argument("--warmup", type=int, default=5, help="steps before measuring")
     p.add_argument("--window", type=int, default=5, help="steps between device syncs; one timing per window")
@@ -262,6 +353,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the runs' tracking store and print its URL")
+    p.add_argument("--storage", default="./runs", help="run.storage of the runs (its embedded store is used)")
+    p.add_argument("--mlflow-uri", default="", help="a tracking URI instead of the embedded store")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("prepare-sample", help="write a small ImageNet-style JPEG folder from Fashion-MNIST")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train-per-class", type=int, default=100)
+    p.add_argument("--val-per-class", type=int, default=20)
+    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--source", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_prepare_sample)
+
+    p = sub.add_parser(
+        "prepare-imagenet", help="turn ImageNet's official archives (or Kaggle's layout) into train/ and val/ folders"
+    )
+    p.add_argument("--source", required=True, help="the folder with ILSVRC2012_img_{train,val}.tar and the devkit, or Kaggle's")
+    p.add_argument("--out", required=True, help="the data folder to write (train/<wnid>/, val/<wnid>/, classes.json)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes extracting class archives")
+    p.add_argument("--no-md5", action="store_true", help="skip the archives' MD5 checks (for subsets and tests)")
+    p.add_argument("--subset", action="store_true", help="do not expect the full 1,281,167 / 50,000 images and 1,000 classes")
+    p.set_defaults(func=cmd_prepare_imagenet)
     return parser
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from rn50_ray.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "tf32", "amp-fp16", "amp-bf16")
 BACKENDS = ("auto", "synthetic", "pytorch", "dali-cpu", "dali-gpu")
+SCHEDULES = ("cosine", "step", "linear", "triangular")
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None, check: tuple | None = None) -> Any:
@@ -49,13 +51,22 @@ class ModelConfig:
     memory_format: str = _opt(
         "auto", "auto is channels_last on CUDA, contiguous on CPU", choices=("auto", "channels_last", "contiguous")
     )
+    blurpool: bool = _opt(False, "blur before every strided conv with 16+ input channels (BlurPool, as FFCV's recipes)")
 
 
 @dataclass
 class DataConfig:
     path: str = _opt("", "ImageNet-style folder with train/<class>/*.JPEG and val/<class>/*.JPEG")
-    backend: str = _opt("auto", "input pipeline; auto picks pytorch", choices=BACKENDS)
-    image_size: int = _opt(224, "train crop and val crop size in pixels", check=(lambda v: v >= 16, "an integer >= 16"))
+    backend: str = _opt(
+        "auto", "input pipeline; auto is dali-gpu on GPU workers, dali-cpu on CPU workers, pytorch without DALI", choices=BACKENDS
+    )
+    image_size: int = _opt(
+        224, "train crop size in pixels (the final one under progressive resizing)", check=(lambda v: v >= 16, "an integer >= 16")
+    )
+    val_image_size: int = _opt(
+        0, "val crop size in pixels; 0 is data.image_size", check=(lambda v: v == 0 or v >= 16, "0 or an integer >= 16")
+    )
+    val_batch: int = _opt(0, "val images per forward pass per worker; 0 is batch.per_worker", check=NON_NEGATIVE)
     crop_area_min: float = _opt(
         0.08,
         "smallest area fraction of the random-resized crop (NVIDIA: 0.08)",
@@ -74,6 +85,24 @@ class DataConfig:
     synthetic_samples: int = _opt(12800, "train images per epoch of the synthetic backend", check=POSITIVE)
     skip_bad_images: bool = _opt(False, "skip undecodable images (and count them) instead of failing")
     screen_images: bool = _opt(True, "check every image file on the driver before training, so bad files are named up front")
+    sample_log: str = _opt("", "a local folder: each rank logs the image indices of every step (audits of elastic runs)")
+
+
+@dataclass
+class ResolutionConfig:
+    start_size: int = _opt(
+        0,
+        "progressive resizing: the train size up to start_epoch, ramping to data.image_size by end_epoch; 0 is off",
+        check=(lambda v: v == 0 or v >= 16, "0 or an integer >= 16"),
+    )
+    start_epoch: int = _opt(0, "the epoch (counted from 0, as FFCV) where the ramp starts", check=NON_NEGATIVE)
+    end_epoch: int = _opt(0, "the epoch from which the train size is data.image_size", check=NON_NEGATIVE)
+    multiple: int = _opt(32, "sizes on the ramp are rounded to a multiple of this", check=POSITIVE)
+
+
+@dataclass
+class EvalConfig:
+    flip_tta: bool = _opt(False, "evaluate on the mean of the logits of each image and its mirror image")
 
 
 @dataclass
@@ -106,10 +135,15 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    kind: str = _opt("cosine", "LR after warmup", choices=("cosine", "step", "linear"))
+    kind: str = _opt(
+        "cosine",
+        "LR after warmup; triangular rises linearly from 1e-4 x peak to the peak at peak_epoch, then falls linearly (FFCV)",
+        choices=SCHEDULES,
+    )
     epochs: int = _opt(90, "length of the run and of the schedule", check=POSITIVE)
-    warmup_epochs: float = _opt(8.0, "per-iteration linear warmup, in epochs", check=NON_NEGATIVE)
-    end_lr: float = _opt(0.0, "final LR of cosine and linear", check=NON_NEGATIVE)
+    warmup_epochs: float = _opt(8.0, "per-iteration linear warmup, in epochs (0 with triangular)", check=NON_NEGATIVE)
+    peak_epoch: float = _opt(2.0, "triangular: the epoch at which the LR peaks", check=POSITIVE)
+    end_lr: float = _opt(0.0, "final LR of cosine, linear and triangular", check=NON_NEGATIVE)
     milestones: list[int] = _opt([30, 60, 80], "epochs at which the step schedule multiplies by gamma")
     gamma: float = _opt(0.1, "step schedule factor", check=POSITIVE)
 
@@ -174,6 +208,8 @@ class TrackingConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -188,6 +224,10 @@ class Config:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> Config:
         return merge(cls(), data, source)
+
+    def with_overrides(self, overrides: dict[str, Any], source: str = "overrides") -> Config:
+        """A copy with dotted-key overrides applied, and every check run again."""
+        return check_consistency(merge(self, overrides, source))
 
     def get(self, key: str) -> Any:
         section, name = _split_key(key, "get")
@@ -214,7 +254,7 @@ class Config:
         return _parse_workers(self.scale.workers)[1]
 
 
-NOT_SHAPING = ("run.", "scale.", "tracking.", "data.loader_workers", "data.screen_images")
+NOT_SHAPING = ("run.", "scale.", "tracking.", "data.loader_workers", "data.screen_images", "data.sample_log", "data.val_batch")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -264,6 +304,12 @@ def _split_key(key: str, source: str) -> tuple[str, str]:
         valid = ", ".join(f"{parts[0]}.{k}" for k in _section_fields(parts[0]))
         raise ConfigError(f"{source}: {key!r} is not a config key; valid keys are {valid}")
     return parts[0], parts[1]
+
+
+def choices_of(key: str) -> tuple | None:
+    """The fixed choices of a config key, or None."""
+    section, name = _split_key(key, "choices_of")
+    return _section_fields(section)[name].metadata.get("choices")
 
 
 def all_keys() -> list[str]:
@@ -356,19 +402,56 @@ def load_config(files: list[str] = (), overrides: dict[str, Any] | None = None) 
 
 def check_consistency(cfg: Config) -> Config:
     """Checks that involve more than one field."""
-    if cfg.schedule.warmup_epochs >= cfg.schedule.epochs and cfg.schedule.warmup_epochs > 0:
+    sched = cfg.schedule
+    if sched.kind == "triangular":
+        if sched.warmup_epochs:
+            raise ConfigError(
+                f"schedule.warmup_epochs: expected 0 with schedule.kind triangular (its rise to schedule.peak_epoch "
+                f"is the warmup), got {sched.warmup_epochs}"
+            )
+        if sched.peak_epoch >= sched.epochs:
+            raise ConfigError(
+                f"schedule.peak_epoch: expected fewer than schedule.epochs ({sched.epochs}), got {sched.peak_epoch}"
+            )
+    elif sched.warmup_epochs >= sched.epochs and sched.warmup_epochs > 0:
         raise ConfigError(
-            f"schedule.warmup_epochs: expected fewer than schedule.epochs ({cfg.schedule.epochs}), "
-            f"got {cfg.schedule.warmup_epochs}"
+            f"schedule.warmup_epochs: expected fewer than schedule.epochs ({sched.epochs}), got {sched.warmup_epochs}; "
+            f"pass --warmup-epochs"
+        )
+    res = cfg.resolution
+    if res.start_size and not res.start_epoch <= res.end_epoch:
+        raise ConfigError(
+            f"resolution.end_epoch: expected at least resolution.start_epoch ({res.start_epoch}), got {res.end_epoch}"
         )
     gs = cfg.batch.global_size
-    bad = [w for w in range(cfg.min_workers, cfg.max_workers + 1) if gs % w]
-    if gs and bad:
+    if gs and cfg.max_workers > gs:
         raise ConfigError(
-            f"batch.global_size: expected a multiple of every world size in scale.workers="
-            f"{cfg.scale.workers}, got {gs} (not divisible by {bad[0]})"
+            f"scale.workers: expected at most batch.global_size ({gs}) workers, got {cfg.scale.workers}: "
+            f"every worker needs at least one image per step"
         )
     return cfg
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill what the defaults leave open: the global batch, the run name, absolute local paths."""
+    batch = cfg.batch
+    if not batch.global_size:
+        batch = dataclasses.replace(batch, global_size=batch.per_worker * cfg.max_workers)
+    data = dataclasses.replace(cfg.data, path=absolute(cfg.data.path) if cfg.data.path else "")
+    run = cfg.run
+    name = run.name or f"rn50-{cfg.data.backend}-{cfg.fingerprint()}"
+    run = dataclasses.replace(run, name=name, storage=absolute(run.storage))
+    return dataclasses.replace(cfg, data=data, batch=batch, run=run)
+
+
+def is_remote(path: str) -> bool:
+    """A URI (s3://, gs://, ...), not a local path."""
+    return "://" in path
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute; a URI as it is."""
+    return path if is_remote(path) else os.path.abspath(path)
 
 
 def field_help() -> dict[str, str]:

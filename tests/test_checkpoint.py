@@ -11,10 +11,8 @@ import pytest
 import torch
 
 from rn50_ray.config import load_config
-from rn50_ray.core.context import LocalContext
-from rn50_ray.core.loop import fit
-from rn50_ray.core.recipe import plan_batches
-from rn50_ray.core.state import (
+from rn50_ray.core.batching import plan_batches
+from rn50_ray.core.checkpoint import (
     ORPHAN_AGE_S,
     STATE_FILE,
     load_checkpoint,
@@ -22,7 +20,11 @@ from rn50_ray.core.state import (
     save_checkpoint,
     staging_dir,
 )
-from rn50_ray.data import Shard, make_loaders
+from rn50_ray.core.context import LocalContext
+from rn50_ray.core.loop import _load_first_readable, fit
+from rn50_ray.core.trainer import Trainer
+from rn50_ray.data.loaders import make_loaders
+from rn50_ray.data.types import Shard
 from rn50_ray.errors import UserError
 
 
@@ -44,7 +46,7 @@ def _run(data, run_dir, init_from=None, **overrides):
         },
     )
     plan = plan_batches(20, 1, 20)
-    loaders = make_loaders(cfg.data, Shard(0, 1, torch.device("cpu")), 20, global_batch=20, seed=0, channels_last=False)
+    loaders = make_loaders(cfg.data, Shard(0, 1, torch.device("cpu")), plan, seed=0, channels_last=False)
     ctx = LocalContext(run_dir, quiet=True, keep=cfg.run.keep_checkpoints, init_from=init_from)
     return fit(cfg, ctx, loaders, plan), ctx
 
@@ -138,7 +140,7 @@ def test_best_checkpoint_is_kept_apart_from_the_newest(tiny_data, tmp_path):
     assert state["progress"]["best_top1"] == pytest.approx(max(top1))
 
 
-def test_unreadable_newest_checkpoint_falls_back_to_the_one_before(tiny_data, tmp_path, capsys):
+def test_unreadable_newest_checkpoint_falls_back_to_the_one_before(tiny_data, tmp_path):
     run = tmp_path / "run"
     _run(tiny_data, run, **{"run.checkpoint_every_steps": 4, "run.stop_after_epochs": 1, "run.keep_checkpoints": 5})
     ctx = LocalContext(run)
@@ -150,6 +152,33 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_one_before(tiny_data, tm
     summary, ctx = _run(tiny_data, run, **cfg)
     assert summary["step"] == 20 and summary["finished"]
     assert ctx.reports[0]["step"] == 10  # epoch 1 was finished again from step 8, then epoch 2
+
+
+class _OnDevice(LocalContext):
+    """A context whose device is not the CPU. Under Ray a GPU worker's is cuda:N; here torch's `meta` device,
+    which exists on every machine and, like a GPU, holds no CPU ByteTensor."""
+
+    def __init__(self, run_dir, device):
+        super().__init__(run_dir, quiet=True)
+        self.device = torch.device(device)
+
+
+def test_resume_loads_checkpoints_onto_the_cpu_whatever_the_device(tiny_data, tmp_path):
+    # A resume used to load with map_location=ctx.device: the saved RNG states went to the GPU, and
+    # torch.set_rng_state takes CPU ByteTensors only, so every resume on a GPU crashed.
+    _, ctx = _run(tiny_data, tmp_path / "run", **{"run.stop_after_epochs": 1})
+    saved = load_checkpoint(ctx.latest_checkpoint())
+    state, path, stack = _load_first_readable(_OnDevice(tmp_path / "run", "meta"), ctx.latest_checkpoint())
+    with stack:
+        assert path == ctx.latest_checkpoint()
+        assert {t.device.type for t in (state["rng"]["torch"], state["model"]["fc.weight"])} == {"cpu"}
+        cfg = load_config([], {"data.path": str(tiny_data), "system.precision": "fp32", "batch.global_size": 20})
+        trainer = Trainer(cfg, torch.device("cpu"), 10, plan_batches(20, 1, 20), 10)
+        torch.manual_seed(123)  # moved on: the load must put the saved generator state back
+        trainer.load_state_dict(state)
+    assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])
+    torch.testing.assert_close(trainer.model.fc.weight, saved["model"]["fc.weight"])
+    assert trainer.progress.epoch == 1
 
 
 def test_staging_folders_of_killed_writers_are_removed_once_old(tmp_path):

@@ -56,7 +56,7 @@ def test_the_autoscaler_adds_nodes_for_a_training_job_and_removes_them_when_idle
             "--no-resource-check",
         )  # fmt: skip
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        assert "summary: 1 epochs" in out.stdout and "2 workers x 16" in out.stdout
+        assert "summary: 1 epochs" in out.stdout and "2 workers x 16 images" in out.stdout
         head = ray.get_runtime_context().get_node_id()
         workers_seen = {n["NodeID"] for n in ray.nodes() if n["NodeID"] != head}  # alive or already gone
         assert len(workers_seen) == 2  # the autoscaler launched two worker nodes for the job

@@ -60,8 +60,12 @@ def test_file_errors_name_the_file(tmp_path):
     [
         (["--lr-per-256", "-1"], "optim.lr_per_256: expected a number > 0, got -1.0"),
         (["--batch-size", "0"], "batch.per_worker: expected a number > 0, got 0"),
-        (["--precision", "fp64"], "system.precision: expected one of"),
-        (["--backend", "mxnet"], "data.backend: expected one of"),
+        (["--precision", "fp64"], "argument --precision: invalid choice: 'fp64' (choose from 'auto', 'fp32', 'tf32'"),
+        (["--backend", "mxnet"], "argument --backend: invalid choice: 'mxnet' (choose from 'auto', 'synthetic', 'pytorch'"),
+        (["--workers", "8:4"], "--workers: scale.workers: expected N or MIN:MAX with 1 <= MIN <= MAX, got '8:4'"),
+        (["--workers", "0"], "--workers: scale.workers: expected N or MIN:MAX with 1 <= MIN <= MAX, got '0'"),
+        (["--workers", "a:b"], "--workers: scale.workers: expected N or MIN:MAX with 1 <= MIN <= MAX, got 'a:b'"),
+        (["--recipe", "rn50_91e"], "argument --recipe: invalid choice: 'rn50_91e' (choose from 'cpu_demo'"),
         (["--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
         (["--data", "/nonexistent/imagenet"], "/nonexistent/imagenet: data folder not found"),
     ],
@@ -72,3 +76,46 @@ def test_cli_bad_input_is_one_line_and_status_2(args, expected, capsys, tmp_path
     assert expected in err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_option_with_fixed_choices_lists_them_in_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--backend {auto,synthetic,pytorch,dali-cpu,dali-gpu}" in out
+    assert "auto is dali-gpu on GPU workers, dali-cpu on CPU workers, pytorch without DALI" in out
+    assert "--precision {auto,fp32,tf32,amp-fp16,amp-bf16}" in out and "--lr-schedule {cosine,step,linear,triangular}" in out
+    assert "--tracking {required,optional,off}" in out and "--recipe {cpu_demo," in out
+
+
+def test_a_recipes_warmup_shrinks_with_fewer_epochs_and_says_so(capsys, tmp_path):
+    # cpu_demo warms up 1 of 6 epochs; --epochs 1 would leave no room: it is scaled, and one line says so.
+    from rn50_ray.cli import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["train", "--recipe", "cpu_demo", "--epochs", "1"]))
+    assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs) == (1, 0.167)
+    note = capsys.readouterr().err.strip()
+    assert note == (
+        "note: schedule.warmup_epochs: the recipe's 1 of 6 epochs is scaled to 0.167 for 1 epochs; pass --warmup-epochs to choose"
+    )
+    cfg = config_from_args(build_parser().parse_args(["train", "--recipe", "cpu_demo", "--epochs", "3"]))
+    assert cfg.schedule.warmup_epochs == 1 and capsys.readouterr().err == ""  # it still fits: unchanged
+    assert main(["train", "--recipe", "cpu_demo", "--epochs", "1", "--warmup-epochs", "1", "--storage", str(tmp_path)]) == 2
+    assert (
+        "schedule.warmup_epochs: expected fewer than schedule.epochs (1), got 1.0; pass --warmup-epochs"
+        in capsys.readouterr().err
+    )
+
+
+def test_the_version_has_one_source(capsys):
+    import tomllib
+
+    from rn50_ray import __version__
+    from rn50_ray.cli import RECIPES
+
+    pyproject = tomllib.loads((RECIPES.parent / "pyproject.toml").read_text())
+    assert "version" not in pyproject["project"] and pyproject["project"]["dynamic"] == ["version"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "rn50_ray.__version__"}
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"rn50-ray {__version__}"

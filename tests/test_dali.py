@@ -1,4 +1,4 @@
-"""DALI CPU pipelines on real JPEGs: labels, val tensors, shards and exact mid-epoch resume."""
+"""DALI CPU pipelines on real JPEGs: labels, val tensors, odd and broken files, and exact mid-epoch resume."""
 
 import re
 from collections import Counter
@@ -9,22 +9,22 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali", reason="needs nvidia-dali-cuda120 (in requirements.txt)")
 
-from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
 from rn50_ray.config import DataConfig
-from rn50_ray.data import Shard, make_loaders
-from rn50_ray.data.dali import READER, train_pipeline
+from rn50_ray.core.batching import plan_batches
 from rn50_ray.data.folder import check_dataset
+from rn50_ray.data.loaders import make_loaders
 from rn50_ray.data.screen import bad_image_error, find_bad_images
+from rn50_ray.data.types import Shard
 from rn50_ray.errors import DataError
 
 CPU = torch.device("cpu")
 
 
-def _loaders(data, backend, *, per_rank=20, rank=0, world=1, seed=0, **layout):
-    cfg = DataConfig(path=str(data), backend=backend, image_size=32, loader_workers=1)
+def _loaders(data, backend, *, per_rank=20, rank=0, world=1, seed=0, bad_files=(), skip=False, **layout):
+    cfg = DataConfig(path=str(data), backend=backend, image_size=32, loader_workers=1, skip_bad_images=skip)
     layout = {"channels_last": False, **layout}
-    return make_loaders(cfg, Shard(rank, world, CPU), per_rank, global_batch=per_rank * world, seed=seed, **layout)
+    plan = plan_batches(per_rank * world, world, per_rank)
+    return make_loaders(cfg, Shard(rank, world, CPU), plan, seed=seed, bad_files=bad_files, **layout)
 
 
 def test_dali_cpu_is_the_default_where_dali_is_installed(tiny_data):
@@ -72,48 +72,24 @@ def test_fp16_nhwc_batches_as_a_gpu_step_under_amp_gets_them(tiny_data):
     assert torch.allclose(x16, x32, rtol=1e-3, atol=1e-3)
 
 
-def test_shards_cover_the_dataset_with_equal_steps(tiny_data):
-    train, _ = check_dataset(tiny_data)
-    files = [p for p, _ in train.samples]
-    seen, steps = [], []
-    for rank in range(3):  # 200 files over 3 shards: padded to equal length
-        pipe = train_pipeline(
-            files,
-            list(range(len(files))),
-            batch_size=11,
-            num_threads=1,
-            device_id=None,
-            seed=1,
-            shard_id=rank,
-            num_shards=3,
-            size=32,
-            area_min=0.08,
-            gpu=False,
-            fp16=False,
-            nhwc=False,
-            hw_decoder_load=0.0,
-        )
-        it = DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER, last_batch_policy=LastBatchPolicy.FILL)
-        ids = [int(v) for b in it for v in b[0]["labels"].view(-1)]
-        steps.append(len(ids))
-        seen.extend(ids)
-    assert len(set(steps)) == 1  # shards padded to equal length: the same number of steps on every rank
-    assert set(seen) == set(range(len(files)))
-
-
 def test_resume_mid_epoch_gives_the_exact_next_batches(tiny_data):
-    first = _loaders(tiny_data, "dali-cpu")
-    it = first.train.epoch(0)
-    for _ in range(3):
-        next(it)
-    state = first.train.state()
-    expected = [next(it) for _ in range(3)]
-    again = _loaders(tiny_data, "dali-cpu")
-    again.train.load_state(state)
-    got = list(again.train.epoch(0, start_step=3))
-    assert len(got) == 7
-    for (xa, ya), (xb, yb) in zip(expected, got[:3], strict=True):
+    # No reader state to save: step t's images and their crops are functions of (seed, epoch, t), so a
+    # pipeline built to start at step 3 hands over exactly the batches an uninterrupted epoch does.
+    full = list(_loaders(tiny_data, "dali-cpu").train.epoch(1))
+    got = list(_loaders(tiny_data, "dali-cpu").train.epoch(1, start_step=3))
+    assert len(full) == 10 and len(got) == 7
+    for (xa, ya), (xb, yb) in zip(full[3:], got, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_the_pipeline_follows_on_to_the_next_epoch_and_rebuilds_when_asked_for_another(tiny_data):
+    train = _loaders(tiny_data, "dali-cpu").train
+    first = [y for _, y in train.epoch(0, start_step=8)]
+    built = train.iterator
+    second = [y for _, y in train.epoch(1)]
+    assert len(first) == 2 and len(second) == 10 and train.iterator is built  # one pipeline, epoch after epoch
+    again = [y for _, y in train.epoch(1)]  # epoch 1 again (a bench, a restart): built anew, the same batches
+    assert train.iterator is not built and all(torch.equal(a, b) for a, b in zip(second, again, strict=True))
 
 
 @pytest.fixture
@@ -167,18 +143,19 @@ def test_screen_names_every_undecodable_file_and_passes_the_rest(odd_data):
 
 def test_skipped_files_are_left_out_and_counted(odd_data):
     bad = _add_bad_files(odd_data / "train" / "coat")
-    cfg = DataConfig(path=str(odd_data), backend="dali-cpu", image_size=32, loader_workers=1, skip_bad_images=True)
-    loaders = make_loaders(cfg, Shard(0, 1, CPU), 20, global_batch=20, seed=0, channels_last=False, bad_files=bad)
+    loaders = _loaders(odd_data, "dali-cpu", bad_files=bad, skip=True)
     assert loaders.excluded == 3 and "data: skipped 3 undecodable images (--skip-bad-images)" in loaders.notes
     assert loaders.train_size == 204  # 200 + 4 odd but decodable files
     assert sum(len(y) for _, y in loaders.train.epoch(0)) == 200  # 10 full steps, nothing died
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
 @pytest.mark.parametrize("name", ["truncated.JPEG", "garbage.JPEG", "empty.JPEG"])
-def test_an_unscreened_bad_file_fails_with_an_error_naming_it(tiny_data, copy_of, name):
+def test_an_unscreened_bad_file_fails_with_an_error_naming_it(tiny_data, copy_of, name, split):
     data = copy_of(tiny_data)
-    _add_bad_files(data / "val" / "bag")
+    _add_bad_files(data / split / "bag")
     for other in {"truncated.JPEG", "garbage.JPEG", "empty.JPEG"} - {name}:
-        (data / "val" / "bag" / other).unlink()
-    with pytest.raises(DataError, match=re.escape(f"{data / 'val' / 'bag' / name}: cannot decode image")):
-        list(_loaders(data, "dali-cpu", per_rank=5).val.batches())
+        (data / split / "bag" / other).unlink()
+    with pytest.raises(DataError, match=re.escape(f"{data / split / 'bag' / name}: cannot decode image")):
+        loaders = _loaders(data, "dali-cpu", per_rank=67 if split == "train" else 5)  # train: 3 steps of 67 read all 201
+        list(loaders.train.epoch(0) if split == "train" else loaders.val.batches())

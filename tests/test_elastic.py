@@ -89,7 +89,7 @@ def test_node_drained_then_lost_shrinks_and_finishes(tiny_data, tmp_path, cluste
     assert [h["epoch"] for h in history] == [1, 2, 3, 4] and history[-1]["step"] == 24
     assert history[0]["world_size"] == 2 and history[-1]["world_size"] == 1
     assert "resize: world size 2 -> 1" in out
-    assert "global batch 32 = 1 workers x 16 x 2 accumulation" in out  # the recipe did not change
+    assert "global batch 32 = 1 workers x 32 images (micro-batch 16, 2 accumulation)" in out  # the recipe did not change
     saved_at = int(out.split("checkpointing at step ")[1].split()[0])
     assert f"step {saved_at} (" in out.split("resize: world size 2 -> 1")[0]  # resumed from the preemption checkpoint
     assert "resizes 1" in out
@@ -105,7 +105,9 @@ def test_node_gain_grows_the_run_to_max(tiny_data, tmp_path, cluster):
     assert status == 0, out[-4000:]
     history = _history(tmp_path)
     assert history[0]["world_size"] == 1 and history[-1]["world_size"] == 2
-    assert "resize: world size 1 -> 2" in out and "global batch 32 = 2 workers x 16 x 1 accumulation" in out
+    assert (
+        "resize: world size 1 -> 2" in out and "global batch 32 = 2 workers x 16 images (micro-batch 16, 1 accumulation)" in out
+    )
     assert history[-1]["step"] == 24
 
 

@@ -8,12 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from ranks import run_ranks
 
 from rn50_ray.config import load_config
+from rn50_ray.core.batching import plan_batches
 from rn50_ray.core.context import LocalContext
-from rn50_ray.core.loop import Trainer, fit, input_format, use_channels_last
-from rn50_ray.core.recipe import build_optimizer, plan_batches, sgd_kernel
-from rn50_ray.data import Shard, make_loaders
+from rn50_ray.core.loop import fit
+from rn50_ray.core.recipe import build_optimizer, sgd_kernel
+from rn50_ray.core.trainer import Trainer, input_format, use_channels_last
+from rn50_ray.data.loaders import make_loaders
+from rn50_ray.data.types import Shard
 from rn50_ray.errors import ConfigError
 
 CPU = torch.device("cpu")
@@ -25,7 +29,7 @@ def _cfg(data, **overrides):
 
 
 def _first_batch(cfg, channels_last: bool):
-    loaders = make_loaders(cfg.data, Shard(0, 1, CPU), 20, global_batch=20, seed=0, channels_last=channels_last)
+    loaders = make_loaders(cfg.data, Shard(0, 1, CPU), plan_batches(20, 1, 20), seed=0, channels_last=channels_last)
     return next(iter(loaders.train.epoch(0)))[0], loaders
 
 
@@ -69,7 +73,7 @@ def test_the_input_layout_training_bench_and_evaluate_share(precision, fmt, on_c
 
 @pytest.mark.parametrize(
     ("impl", "fused", "foreach"),
-    [("auto", True, None), ("fused", True, None), ("foreach", None, True), ("for-loop", None, None)],
+    [("auto", True, False), ("fused", True, False), ("foreach", False, True), ("for-loop", False, False)],
 )
 def test_sgd_kernel_switch(tiny_data, impl, fused, foreach):
     trainer = Trainer(_cfg(tiny_data, **{"optim.impl": impl}), CPU, 10, plan_batches(20, 1, 20), 10)
@@ -112,18 +116,21 @@ def test_compile_switch_wraps_the_model(tiny_data):
 @pytest.mark.parametrize("depth", [1, 3])
 def test_prefetch_switch_sets_dali_and_dataloader_depth(tiny_data, depth):
     _, dali = _first_batch(_cfg(tiny_data, **{"data.backend": "dali-cpu", "data.prefetch": depth}), False)
-    assert dali.train.iterator._pipes[0].prefetch_queue_depth == depth
+    assert (
+        dali.train.iterator._pipes[0].prefetch_queue_depth == depth and dali.val.iterator._pipes[0].prefetch_queue_depth == depth
+    )
     _, torch_loaders = _first_batch(_cfg(tiny_data, **{"data.backend": "pytorch", "data.prefetch": depth}), False)
     assert torch_loaders.train.loader.prefetch_factor == depth
     assert torch_loaders.train.loader.pin_memory is False  # pinned memory only when the device is a GPU
 
 
-def _ten_synthetic_steps(data, ctx, **extra) -> None:
-    """One epoch of 10 steps of 20 synthetic images, logged every 5 steps."""
-    overrides = {"data.synthetic_samples": 200, "run.log_every": 5, "schedule.epochs": 1, "schedule.warmup_epochs": 0}
+def _ten_synthetic_steps(data, ctx, log_every: int = 5, **extra) -> None:
+    """One epoch of 10 steps of 20 synthetic images, logged every `log_every` steps."""
+    overrides = {"data.synthetic_samples": 200, "run.log_every": log_every, "schedule.epochs": 1, "schedule.warmup_epochs": 0}
     cfg = _cfg(data, **{"data.backend": "synthetic", **overrides, **extra})
-    loaders = make_loaders(cfg.data, Shard(0, 1, CPU), 20, global_batch=20, seed=0, channels_last=False)
-    fit(cfg, ctx, loaders, plan_batches(20, 1, 20))
+    plan = plan_batches(20, ctx.world_size, 20)
+    loaders = make_loaders(cfg.data, Shard(ctx.world_rank, ctx.world_size, CPU), plan, seed=0, channels_last=False)
+    fit(cfg, ctx, loaders, plan)
 
 
 @pytest.mark.parametrize("ema_decay", [0.0, 0.99])
@@ -141,25 +148,41 @@ def test_training_reads_the_host_only_at_log_intervals(tiny_data, tmp_path, host
 
 
 class _Draining(LocalContext):
-    """A local run told of a drain at its first ask (under Ray the notice comes from Ray Train's watcher)."""
+    """A run told of a drain at every ask, `seconds_left` before its node goes (under Ray the notice comes from
+    Ray Train's watcher)."""
 
-    def __init__(self, run_dir, poll_s: float):
-        super().__init__(run_dir, quiet=True)
-        self.preemption_poll_s, self.asks = poll_s, 0
+    def __init__(self, run_dir, poll_s: float, seconds_left: float = 100.0, **kw):
+        super().__init__(run_dir, quiet=True, **kw)
+        self.preemption_poll_s, self.asks, self.seconds_left = poll_s, 0, seconds_left
 
     def preemption(self):
         self.asks += 1
-        return {"nodes": ["n1"], "seconds_left": 100.0}
+        return {"nodes": ["n1"], "seconds_left": self.seconds_left}
 
 
-@pytest.mark.parametrize("poll_s, asks", [(0.0, 2), (3600.0, 1)])
+@pytest.mark.parametrize("poll_s, asks", [(0.0, 4), (3600.0, 1)])
 def test_preemption_is_asked_at_most_once_per_poll_interval(tiny_data, tmp_path, poll_s, asks):
-    # Each ask is a barrier through a Ray actor: asking at every log interval cost 2% of the step.
+    # Each ask is a barrier through a Ray actor: asking at every log interval cost 2% of the step. Rank 0's word
+    # to ask rides on an interval's all-reduce, so the asks come from the second interval (step 4) on.
     ctx = _Draining(tmp_path, poll_s)
-    _ten_synthetic_steps(tiny_data, ctx)
-    assert ctx.asks == asks  # 2 log intervals (steps 5 and 10)
-    assert [r["step"] for r in ctx.reports] == [5, 10]  # the notice at step 5 checkpointed there, once
+    _ten_synthetic_steps(tiny_data, ctx, log_every=2)  # intervals end at steps 2, 4, 6, 8 and 10
+    assert ctx.asks == asks
+    assert [r["step"] for r in ctx.reports] == [4, 10]  # the notice at step 4 checkpointed there, once
     assert ctx.checkpoints()[-1].name.endswith("_step00000010")
+
+
+def test_every_rank_takes_the_preemption_checkpoint_at_rank_0s_step(tiny_data, tmp_path):
+    # The ranks' views differ: by rank 1's clock (ahead of rank 0's) the deadline has passed, sooner than a checkpoint,
+    # and on its own it would not checkpoint. Rank 0 decides for all, through the interval's all-reduce; had the
+    # ranks decided apart, rank 0 would wait in ray.train.report while rank 1 waited in an all-reduce.
+    reports = run_ranks(2, _drained_rank, tiny_data, tmp_path)
+    assert reports[0] == reports[1] == [4, 10]
+
+
+def _drained_rank(rank: int, world: int, data, tmp_path) -> list[int]:
+    ctx = _Draining(tmp_path / "run", 0.0, seconds_left=100.0 if rank == 0 else -1.0, rank=rank, world_size=world)
+    _ten_synthetic_steps(data, ctx, log_every=2)
+    return [r["step"] for r in ctx.reports]
 
 
 def test_sgd_kernel_bench_prints_each_kernel_against_the_loop():

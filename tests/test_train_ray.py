@@ -194,17 +194,16 @@ def test_the_pytorch_backend_reaches_similar_accuracy(learned, sample_data, tmp_
     import torch
 
     from rn50_ray.config import load_config
+    from rn50_ray.core.batching import plan_batches
     from rn50_ray.core.context import LocalContext
     from rn50_ray.core.loop import fit
-    from rn50_ray.core.recipe import plan_batches
-    from rn50_ray.data import Shard, make_loaders
+    from rn50_ray.data.loaders import make_loaders
+    from rn50_ray.data.types import Shard
 
     cfg = load_config([str(ROOT / "recipes" / "cpu_demo.yaml")], {"data.path": str(sample_data), "data.backend": "pytorch"})
     plan = plan_batches(cfg.batch.global_size, 1, cfg.batch.per_worker)
-    assert (plan.micro, plan.accum) == (16, 2)
-    loaders = make_loaders(
-        cfg.data, Shard(0, 1, torch.device("cpu")), plan.per_rank, global_batch=32, seed=0, channels_last=False
-    )
+    assert (plan.micro(0), plan.accum(0)) == (16, 2)
+    loaders = make_loaders(cfg.data, Shard(0, 1, torch.device("cpu")), plan, seed=0, channels_last=False)
     summary = fit(cfg, LocalContext(tmp_path, quiet=True), loaders, plan)
     dali_top1 = _history(learned[0])[-1]["val/top1"]
     assert summary["val/top1"] >= 40.0

@@ -61,6 +61,10 @@ def _with(**changes):
             _with(scheduler={"type": "pbt", "mutations": {"optim.lr_per_256": 0.1}}),
             "scheduler.mutations.optim.lr_per_256: expected a non-empty list of values",
         ),
+        (
+            _with(scheduler={"type": "pbt", "synch": "yes", "mutations": {"optim.lr_per_256": [0.1, 0.2]}}),
+            "scheduler.synch: expected true or false, got 'yes'",
+        ),
         (_with(search="bayes"), "search: expected one of random, grid, optuna, hyperopt, got 'bayes'"),
         (_with(params={"optim.momentum": {"grid": [0.8, 0.9]}}), "search: expected grid, since params use grid"),
         (_with(resources={"workers": "0"}), "resources: scale.workers: expected N or MIN:MAX"),

@@ -1,8 +1,8 @@
 """The narrow interface between the training loop and whatever runs it.
 
-`fit` only talks to a TrainContext: Ray Train provides one (`rn50_ray.ray_app.RayContext`),
-and `LocalContext` runs the loop in one process with no Ray, for tests, benchmarks and a bare
-GPU machine.
+`fit` only talks to a TrainContext: Ray Train provides one (`rn50_ray.worker.RayContext`),
+and `LocalContext` runs the loop without Ray: in one process, for tests, benchmarks and a bare GPU
+machine, or as one rank of a torch.distributed group that the caller started.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
+from rn50_ray.core.checkpoint import BEST_PREFIX, CHECKPOINT_PREFIX, STATE_FILE
 
 
 class TrainContext(Protocol):
@@ -67,7 +69,8 @@ def replace_dir(src: str | os.PathLike, parent: Path, name: str) -> Path:
 
 
 class LocalContext:
-    """One process, checkpoints under `run_dir/checkpoint_*`, the newest K kept."""
+    """Checkpoints under `run_dir/checkpoint_*`, the newest K kept; one process, or rank `rank` of `world_size`
+    in a torch.distributed group the caller started (rank 0 writes, the others only read)."""
 
     def __init__(
         self,
@@ -76,18 +79,20 @@ class LocalContext:
         keep: int = 3,
         quiet: bool = False,
         init_from: str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.run_dir = Path(run_dir)
         self.init_from, self.from_init = init_from, False
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.world_rank, self.world_size, self.device = 0, 1, torch.device(device)
+        self.world_rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.preemption_poll_s = math.inf
         self.keep, self.quiet = keep, quiet
         self.reports: list[dict[str, Any]] = []
         self.tracked: list[tuple[int, dict[str, Any]]] = []  # (step, metrics or start tags), for tests
 
     def checkpoints(self) -> list[Path]:
-        return sorted(p for p in self.run_dir.glob("checkpoint_*") if (p / "state.pt").is_file())
+        return sorted(p for p in self.run_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file())
 
     def latest_checkpoint(self) -> str | None:
         found = self.checkpoints()
@@ -104,13 +109,13 @@ class LocalContext:
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str) -> None:
         self.reports.append(dict(metrics))
         if checkpoint_dir:
-            replace_dir(checkpoint_dir, self.run_dir, f"checkpoint_{name}")
+            replace_dir(checkpoint_dir, self.run_dir, f"{CHECKPOINT_PREFIX}{name}")
             for old in self.checkpoints()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
 
     def save_best(self, checkpoint_dir: str, name: str) -> None:
-        kept = replace_dir(checkpoint_dir, self.run_dir, f"best_{name}")
-        for old in self.run_dir.glob("best_*"):
+        kept = replace_dir(checkpoint_dir, self.run_dir, f"{BEST_PREFIX}{name}")
+        for old in self.run_dir.glob(f"{BEST_PREFIX}*"):
             if old != kept:
                 shutil.rmtree(old, ignore_errors=True)
 
@@ -129,7 +134,7 @@ class LocalContext:
         os.replace(tmp, self.run_dir / name)
 
     def log(self, line: str) -> None:
-        if not self.quiet:
+        if not self.quiet and self.world_rank == 0:
             print(line, flush=True)
 
 

@@ -1,4 +1,8 @@
-"""`fit`: epochs of train steps, evaluation, checkpoints and progress lines, through a TrainContext."""
+"""`fit`: resume, then per epoch train (`train_epoch`), evaluate and report, through a TrainContext.
+
+As torchvision's `train_one_epoch`/`evaluate` and NVIDIA's `train`/`validate`: the step loop, its log
+intervals, preemption and mid-epoch checkpoints are `train_epoch`'s; the epoch record is `epoch_record`'s.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,7 @@ import contextlib
 import itertools
 import math
 import time
-import warnings
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,40 +18,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from rn50_ray.core import recipe
+from rn50_ray.core import checkpoint as ckpt
+from rn50_ray.core.batching import BatchPlan, peak_lr
 from rn50_ray.core.context import TrainContext, jsonl
-from rn50_ray.core.model import build_model, model_kwargs
-from rn50_ray.core.state import (
-    Progress,
-    load_checkpoint,
-    progress_from_dict,
-    remove_orphaned_staging,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    staging_dir,
-)
-from rn50_ray.core.step import Precision, eval_step, resolve_precision, train_step
+from rn50_ray.core.resolution import ResolutionSchedule
+from rn50_ray.core.step import Precision, eval_step
+from rn50_ray.core.trainer import Trainer
 from rn50_ray.errors import UserError
 
 
-def use_channels_last(memory_format: str, device: torch.device) -> bool:
-    return memory_format == "channels_last" or (memory_format == "auto" and device.type == "cuda")
-
-
-def input_format(cfg, device: torch.device) -> dict[str, bool]:
-    """make_loaders' layout options for this config's step on `device`: channels_last as the model,
-    and fp16 batches on a GPU under AMP (DALI casts on the GPU, halving what the step reads)."""
-    amp = resolve_precision(cfg.system.precision, device).autocast_dtype is not None
-    return {
-        "channels_last": use_channels_last(cfg.model.memory_format, device),
-        "fp16_input": device.type == "cuda" and amp,
-    }
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, num_classes: int, precision: Precision, device: torch.device) -> dict[str, float]:
-    """Top-1, top-5 (in %) and loss over this rank's batches, summed over all ranks by torchmetrics."""
+def evaluate(
+    model: nn.Module, batches, num_classes: int, precision: Precision, device: torch.device, flip_tta: bool = False
+) -> dict[str, float]:
+    """Top-1, top-5 (in %) and loss over this rank's batches, summed over all ranks by torchmetrics. With
+    `flip_tta`, on the mean of the logits of each image and its mirror image."""
     # Imported here: torchmetrics costs about a second at import, in every worker's startup.
     from torchmetrics import MeanMetric
     from torchmetrics.classification import MulticlassAccuracy
@@ -60,6 +44,8 @@ def evaluate(model: nn.Module, batches, num_classes: int, precision: Precision, 
     loss = MeanMetric().to(device)
     for images, labels in batches:
         logits = eval_step(model, images, precision)
+        if flip_tta:
+            logits = (logits + eval_step(model, images.flip(3), precision)) / 2
         top1.update(logits, labels)
         top5.update(logits, labels)
         loss.update(F.cross_entropy(logits, labels), weight=labels.numel())
@@ -67,86 +53,16 @@ def evaluate(model: nn.Module, batches, num_classes: int, precision: Precision, 
     return {"top1": 100 * top1.compute().item(), "top5": 100 * top5.compute().item(), "loss": loss.compute().item()}
 
 
-class Trainer:
-    """The model, optimizer, scheduler, scaler and EMA of one worker, and their checkpoint state."""
+def sync_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    def __init__(self, cfg, device: torch.device, num_classes: int, plan: recipe.BatchPlan, steps_per_epoch: int):
-        self.cfg, self.device, self.plan, self.steps_per_epoch = cfg, device, plan, steps_per_epoch
-        self.num_classes = num_classes
-        self.precision = resolve_precision(cfg.system.precision, device)
-        self.channels_last = use_channels_last(cfg.model.memory_format, device)
-        torch.manual_seed(cfg.system.seed)  # the same initial weights on every rank
-        self.model = build_model(**model_kwargs(cfg.model, num_classes, self.channels_last)).to(device)
-        self.scaler = self.precision.scaler(cfg.system.loss_scale)
-        kernel = recipe.sgd_kernel(cfg.optim.impl, device, loss_scaling=self.scaler.is_enabled())
-        lr = recipe.peak_lr(cfg.optim.lr_per_256, plan.global_size)
-        self.optimizer = recipe.build_optimizer(self.model, cfg.optim, lr, kernel)
-        self.scheduler = recipe.build_scheduler(self.optimizer, cfg.schedule, steps_per_epoch)
-        self.ema = recipe.build_ema(self.model, cfg.optim.ema_decay)
-        self.criterion = recipe.build_criterion(cfg.optim.label_smoothing)
-        self.mixup = recipe.build_mixup(cfg.optim.mixup_alpha, num_classes)
-        self.progress = Progress()
 
-    def state_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
-            "progress": asdict(self.progress),
-            "rng": rng_state(),
-            "config": self.cfg.to_dict(),
-            "num_classes": self.num_classes,
-        }
-
-    def load_state_dict(self, state: dict[str, Any], keep_hyperparameters: bool = False) -> None:
-        """Load a checkpoint. With `keep_hyperparameters` (starting from another run's checkpoint, as PBT
-        does), the weights, momentum buffers and progress come from it, but the optimizer's hyperparameters
-        and the LR schedule stay this config's, replayed to the checkpoint's step."""
-        self.model.load_state_dict(state["model"])
-        ours = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])
-        if keep_hyperparameters:
-            for group, hyper in zip(self.optimizer.param_groups, ours, strict=True):
-                group.update(hyper)
-            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": replaying on purpose
-                warnings.simplefilter("ignore", UserWarning)
-                for _ in range(state["progress"]["step"]):
-                    self.scheduler.step()
-        else:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        if self.ema and state.get("ema"):
-            self.ema.load_state_dict(state["ema"])
-        self.progress = progress_from_dict(state["progress"])
-        set_rng_state(state["rng"])
-
-    def step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One optimizer step of `model` (this trainer's model, possibly wrapped)."""
-        return train_step(
-            model,
-            images,
-            labels,
-            optimizer=self.optimizer,
-            scaler=self.scaler,
-            criterion=self.criterion,
-            precision=self.precision,
-            accum=self.plan.accum,
-        )
-
-    def wrap(self, world_size: int) -> nn.Module:
-        """DDP when distributed, then torch.compile when asked. Loading happens before this."""
-        model: nn.Module = self.model
-        if world_size > 1 and dist.is_initialized():
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        if self.cfg.system.compile:
-            model = torch.compile(model)
-        return model
+def _all_reduce_sum(values: torch.Tensor, device: torch.device) -> list[float]:
+    t = values.to(torch.float64 if device.type == "cpu" else torch.float32)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
 
 
 def _fmt_time(seconds: float) -> str:
@@ -154,203 +70,108 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def sync_device(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@dataclass
+class Cadence:
+    """When to checkpoint inside an epoch and when to ask about preemption, kept across epochs. Rank 0's clock
+    and last report time decide; the interval's all-reduce carries its word, so every rank acts at the same step."""
+
+    every_steps: int  # run.checkpoint_every_steps (0: at epoch ends only)
+    poll_s: float  # the context's preemption_poll_s
+    next_ask: float = field(default_factory=time.monotonic)
+    ask_now: bool = False  # ask at this interval's end: agreed at the previous interval's all-reduce
+    preempt_saved: bool = False
+    last_report_s: float = 0.0
+
+    def should_checkpoint(self, step: int) -> bool:
+        return bool(self.every_steps) and step % self.every_steps == 0
 
 
-def _all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> list[float]:
-    t = torch.as_tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
+@dataclass
+class EpochStats:
+    loss: float  # mean per-image loss over the steps this start trained
+    steps: int
+    seconds: float
 
 
-def fit(cfg, ctx: TrainContext, loaders, plan: recipe.BatchPlan) -> dict[str, Any]:
-    """Train from the context's latest checkpoint (or from scratch) to the end of the schedule."""
-    device = ctx.device
-    train, steps_per_epoch = loaders.train, loaders.train.steps_per_epoch
-    trainer = Trainer(cfg, device, loaders.num_classes, plan, steps_per_epoch)
-    if cfg.system.cudnn_benchmark and device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    for note in loaders.notes:
-        ctx.log(note)
-    if orphans := remove_orphaned_staging():  # every rank: each node has its own /tmp
-        ctx.log(f"removed {len(orphans)} checkpoint staging folders left by killed workers")
-    with ctx.open_checkpoint() as resume:
-        if resume:
-            _resume(ctx, trainer, train, resume, plan)
-    progress = trainer.progress
-    progress.world_size = ctx.world_size
-    model = trainer.wrap(ctx.world_size)
-    model.train()
+def train_epoch(cfg, ctx: TrainContext, trainer: Trainer, model: nn.Module, train, cadence: Cadence) -> EpochStats:
+    """The rest of epoch `trainer.progress.epoch` from its step_in_epoch: steps, progress lines every
+    run.log_every steps (the interval's one host sync), preemption and mid-epoch checkpoints."""
+    p, plan, device = trainer.progress, trainer.plan, ctx.device
+    epoch, start, steps_per_epoch = p.epoch, p.step_in_epoch, train.steps_per_epoch
     total_steps = cfg.schedule.epochs * steps_per_epoch
-    ctx.log(
-        f"plan: global batch {plan.global_size} = {ctx.world_size} workers x {plan.micro} x {plan.accum} "
-        f"accumulation; {steps_per_epoch} steps per epoch; peak LR "
-        f"{recipe.peak_lr(cfg.optim.lr_per_256, plan.global_size):.4g}; precision {trainer.precision.name}; "
-        f"{'channels_last' if trainer.channels_last else 'contiguous'}"
-    )
-    ctx.track_start(
-        progress.step,
-        {
-            "device": f"{ctx.world_size} x {device.type}",
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "data_backend": loaders.backend,
-            "precision": trainer.precision.name,
-            "memory_format": "channels_last" if trainer.channels_last else "contiguous",
-            "accumulation": plan.accum,
-        },
-    )
-    epochs_this_run = 0
-    preempt_saved, checkpoint_now, last_report_s = False, False, 0.0
-    next_preemption_ask = time.monotonic()  # rank 0's clock, shared through the interval's all-reduce
-    val: dict[str, float] = {}
-    summary: dict[str, Any] = {}
-    first_step_unix = None  # wall clock at the end of this start's first step: the startup figure
-    while progress.epoch < cfg.schedule.epochs:
-        epoch = progress.epoch
-        t_epoch = t_mark = time.perf_counter()
-        data_wait = 0.0
-        loss_sum = torch.zeros((), device=device)
-        interval_steps = 0
-        epoch_loss = torch.zeros((), device=device)
-        start = progress.step_in_epoch
-        batches = iter(train.epoch(epoch, start))
-        while True:
-            t0 = time.perf_counter()
-            item = next(batches, None)
-            data_wait += time.perf_counter() - t0
-            if item is None:
-                break
-            images, labels = item
-            if trainer.mixup is not None:
-                torch.manual_seed(cfg.system.seed * 1_000_003 + progress.step * 101 + ctx.world_rank)
-                images, labels = trainer.mixup(images, labels)
-            loss = trainer.step(model, images, labels)
-            trainer.scheduler.step()
-            if trainer.ema is not None:
-                trainer.ema.update_parameters(trainer.model)
-            progress.step += 1
-            progress.step_in_epoch += 1
-            if first_step_unix is None:
-                sync_device(device)  # once per start, so the figure means a finished step on a GPU too
-                first_step_unix = time.time()
-            loss_sum += loss
-            epoch_loss += loss
-            interval_steps += 1
-            if progress.step_in_epoch % cfg.run.log_every == 0 or progress.step_in_epoch == steps_per_epoch:
-                # The only host sync of an interval: one all-reduce and one read. It also carries rank 0's
-                # word on whether to ask about preemption, so every rank asks at the same step.
-                ask = ctx.world_rank == 0 and time.monotonic() >= next_preemption_ask
-                total_loss, asked = _all_reduce_sum(torch.stack((loss_sum, loss_sum.new_full((), float(ask)))), device)
-                now = time.perf_counter()
-                elapsed = now - t_mark
-                images_done = interval_steps * plan.global_size
-                ips = images_done / max(elapsed, 1e-9)
-                compute_ips = images_done / max(elapsed - data_wait, 1e-9)
-                eta = (total_steps - progress.step) * elapsed / interval_steps
-                lr = trainer.optimizer.param_groups[0]["lr"]
-                scale = f" scale {trainer.scaler.get_scale():.0f}" if trainer.scaler.is_enabled() else ""
-                mean_interval_loss = total_loss / (interval_steps * ctx.world_size)
-                ctx.log(
-                    f"epoch {epoch + 1}/{cfg.schedule.epochs} step {progress.step_in_epoch}/{steps_per_epoch} "
-                    f"loss {mean_interval_loss:.4f} lr {lr:.5f}{scale} "
-                    f"img/s {ips:.1f} (compute {compute_ips:.1f}) eta {_fmt_time(eta)}"
-                )
-                ctx.track(
-                    {
-                        "train/loss_step": mean_interval_loss,
-                        "train/lr": lr,
-                        "train/img_per_s": ips,
-                        "train/compute_img_per_s": compute_ips,
-                        "train/data_time_s": data_wait / interval_steps,
-                        "world_size": ctx.world_size,
-                        **({"train/grad_scale": trainer.scaler.get_scale()} if scale else {}),
-                    },
-                    progress.step,
-                )
-                loss_sum.zero_()
-                interval_steps, data_wait, t_mark = 0, 0.0, time.perf_counter()
-                notice = None
-                if asked:  # a barrier under Ray
-                    notice = ctx.preemption()
-                    next_preemption_ask = time.monotonic() + ctx.preemption_poll_s
-                if notice is not None and not preempt_saved:
-                    preempt_saved = True
-                    checkpoint_now = _preemption_checkpoint(ctx, notice, last_report_s, progress.step)
-            every = cfg.run.checkpoint_every_steps
-            checkpoint_now |= bool(every) and progress.step % every == 0
-            if checkpoint_now and progress.step_in_epoch < steps_per_epoch:  # the epoch's end reports anyway
-                t_report = time.perf_counter()
-                _report(ctx, trainer, {"epoch": epoch, "step": progress.step, "world_size": ctx.world_size}, train)
-                last_report_s = time.perf_counter() - t_report
-            checkpoint_now = False
-        epoch_time = time.perf_counter() - t_epoch
-        steps_done = progress.step_in_epoch - start
-        (mean_loss,) = _all_reduce_sum(epoch_loss.reshape(1), device)
-        mean_loss /= max(steps_done, 1) * ctx.world_size
-        val = evaluate(model, loaders.val.batches(), loaders.num_classes, trainer.precision, device)
-        record = {
-            "epoch": epoch + 1,
-            "step": progress.step,
-            "train/loss": mean_loss,
-            "train/lr": trainer.optimizer.param_groups[0]["lr"],
-            "train/img_per_s": steps_done * plan.global_size / max(epoch_time, 1e-9),
-            "val/top1": val["top1"],
-            "val/top5": val["top5"],
-            "val/loss": val["loss"],
-            "world_size": ctx.world_size,
-            "epoch_time_s": epoch_time,
-        }
-        if trainer.ema is not None:
-            ema_val = evaluate(trainer.ema.module, loaders.val.batches(), loaders.num_classes, trainer.precision, device)
-            record.update({f"val_ema/{k}": v for k, v in ema_val.items()})
-        skipped = getattr(train, "skipped", 0) + loaders.excluded
-        if skipped:
-            record["data/skipped_images"] = skipped
-        if math.isnan(mean_loss):
-            raise FloatingPointError(f"train loss is NaN at epoch {epoch + 1}; lower optim.lr_per_256")
-        progress.epoch += 1
-        progress.step_in_epoch = 0
-        is_best = val["top1"] > progress.best_top1 or not progress.history
-        progress.best_top1 = max(progress.best_top1, val["top1"])
-        progress.history.append(record)
-        ctx.log(
-            f"epoch {epoch + 1}/{cfg.schedule.epochs} done in {epoch_time:.1f} s: train loss {mean_loss:.4f} | "
-            f"val top1 {val['top1']:.2f}% top5 {val['top5']:.2f}% loss {val['loss']:.4f} | "
-            f"{record['train/img_per_s']:.1f} img/s"
-        )
-        ctx.track({k: v for k, v in record.items() if k not in ("step", "world_size")}, progress.step)
-        if ctx.world_rank == 0:
-            ctx.write_text("metrics.jsonl", jsonl(progress.history))
-        t_report = time.perf_counter()
-        _report(ctx, trainer, record, train, best=is_best)
-        last_report_s = time.perf_counter() - t_report
-        epochs_this_run += 1
-        summary = {
-            **record,
-            "best_top1": progress.best_top1,
-            "resizes": len(progress.resizes),
-            "finished": progress.epoch >= cfg.schedule.epochs,
-            "first_step_unix": first_step_unix,
-        }
-        if cfg.run.stop_after_epochs and epochs_this_run >= cfg.run.stop_after_epochs:
-            if progress.epoch < cfg.schedule.epochs:
-                ctx.log(f"stopping after {epochs_this_run} epoch(s) as asked; rerun the same command to continue")
+    t_epoch = t_mark = time.perf_counter()
+    data_wait, interval_steps = 0.0, 0
+    loss_sum, epoch_loss = torch.zeros((), device=device), torch.zeros((), device=device)
+    batches = iter(train.epoch(epoch, start))
+    while True:
+        t0 = time.perf_counter()
+        item = next(batches, None)
+        data_wait += time.perf_counter() - t0
+        if item is None:
             break
-    if not summary:  # nothing left to train: report the last state again
-        summary = {
-            **(progress.history[-1] if progress.history else {}),
-            "best_top1": progress.best_top1,
-            "resizes": len(progress.resizes),
-            "finished": True,
-        }
-    return summary
+        images, labels = item
+        if trainer.mixup is not None:
+            torch.manual_seed(cfg.system.seed * 1_000_003 + p.step * 101 + ctx.world_rank)
+            images, labels = trainer.mixup(images, labels)
+        loss = trainer.step(model, images, labels)
+        p.step += 1
+        p.step_in_epoch += 1
+        loss_sum += loss
+        epoch_loss += loss
+        interval_steps += 1
+        checkpoint_now = cadence.should_checkpoint(p.step)
+        if p.step_in_epoch % cfg.run.log_every == 0 or p.step_in_epoch == steps_per_epoch:
+            # The interval's one host sync: an all-reduce of the loss, of rank 0's word on asking about
+            # preemption at the next interval, and of its decision on the notice asked for at this one.
+            notice = ctx.preemption() if cadence.ask_now else None  # a barrier under Ray: every rank calls it
+            if cadence.ask_now:
+                cadence.next_ask = time.monotonic() + cadence.poll_s
+            decide = ctx.world_rank == 0 and notice is not None and not cadence.preempt_saved
+            decide = decide and _preemption_checkpoint(ctx, notice, cadence.last_report_s, p.step)
+            ask_next = ctx.world_rank == 0 and time.monotonic() >= cadence.next_ask
+            flags = loss_sum.new_tensor([float(ask_next), float(decide)])
+            total_loss, asked, decided = _all_reduce_sum(torch.cat((loss_sum.reshape(1), flags)), device)
+            cadence.ask_now = asked > 0
+            if decided > 0:
+                cadence.preempt_saved, checkpoint_now = True, True
+            _log_interval(cfg, ctx, trainer, total_loss, interval_steps, time.perf_counter() - t_mark, data_wait, total_steps)
+            loss_sum.zero_()
+            interval_steps, data_wait, t_mark = 0, 0.0, time.perf_counter()
+        if checkpoint_now and p.step_in_epoch < steps_per_epoch:  # the epoch's end reports anyway
+            t_report = time.perf_counter()
+            report(ctx, trainer, {"epoch": epoch, "step": p.step, "world_size": ctx.world_size})
+            cadence.last_report_s = time.perf_counter() - t_report
+    steps = p.step_in_epoch - start
+    (loss_total,) = _all_reduce_sum(epoch_loss.reshape(1), device)
+    return EpochStats(loss_total / max(steps * plan.global_size, 1), steps, time.perf_counter() - t_epoch)
+
+
+def _log_interval(cfg, ctx, trainer: Trainer, total_loss: float, steps: int, elapsed: float, data_wait: float, total_steps: int):
+    p, images = trainer.progress, steps * trainer.plan.global_size
+    ips, compute_ips = images / max(elapsed, 1e-9), images / max(elapsed - data_wait, 1e-9)
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    scale = f" scale {trainer.scaler.get_scale():.0f}" if trainer.scaler.is_enabled() else ""
+    loss = total_loss / images
+    eta = _fmt_time((total_steps - p.step) * elapsed / steps)
+    ctx.log(
+        f"epoch {p.epoch + 1}/{cfg.schedule.epochs} step {p.step_in_epoch}/{trainer.steps_per_epoch} loss {loss:.4f} "
+        f"lr {lr:.5f}{scale} img/s {ips:.1f} (compute {compute_ips:.1f}) eta {eta}"
+    )
+    metrics = {
+        "train/loss_step": loss,
+        "train/lr": lr,
+        "train/img_per_s": ips,
+        "train/compute_img_per_s": compute_ips,
+        "train/data_time_s": data_wait / steps,
+        "world_size": ctx.world_size,
+    }
+    if scale:
+        metrics["train/grad_scale"] = trainer.scaler.get_scale()
+    ctx.track(metrics, p.step)
 
 
 def _preemption_checkpoint(ctx: TrainContext, notice: dict[str, Any], last_report_s: float, step: int) -> bool:
-    """Whether to checkpoint now: yes, unless the deadline is nearer than a checkpoint takes."""
+    """Rank 0's call on a drain notice: checkpoint now, unless the deadline is nearer than a checkpoint takes."""
     left = notice.get("seconds_left")
     nodes = ", ".join(notice.get("nodes", [])) or "a node"
     if left is not None and left < last_report_s:
@@ -361,6 +182,123 @@ def _preemption_checkpoint(ctx: TrainContext, notice: dict[str, Any], last_repor
     return True
 
 
+def epoch_record(trainer: Trainer, ctx: TrainContext, stats: EpochStats, val: dict[str, float], size: int) -> dict[str, Any]:
+    """The record of a finished epoch: what metrics.jsonl, MLflow and Ray's report get."""
+    p = trainer.progress
+    return {
+        "epoch": p.epoch + 1,
+        "step": p.step,
+        "train/loss": stats.loss,
+        "train/lr": trainer.optimizer.param_groups[0]["lr"],
+        "train/img_per_s": stats.steps * trainer.plan.global_size / max(stats.seconds, 1e-9),
+        "train/resolution": size,
+        "val/top1": val["top1"],
+        "val/top5": val["top5"],
+        "val/loss": val["loss"],
+        "world_size": ctx.world_size,
+        "epoch_time_s": stats.seconds,
+    }
+
+
+def fit(cfg, ctx: TrainContext, loaders, plan: BatchPlan) -> dict[str, Any]:
+    """Train from the context's latest checkpoint (or from scratch) to the end of the schedule."""
+    device = ctx.device
+    train = loaders.train
+    trainer = Trainer(cfg, device, loaders.num_classes, plan, train.steps_per_epoch, ctx.world_rank)
+    if cfg.system.cudnn_benchmark and device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    for note in loaders.notes:
+        ctx.log(note)
+    if orphans := ckpt.remove_orphaned_staging():  # every rank: each node has its own /tmp
+        ctx.log(f"removed {len(orphans)} checkpoint staging folders left by killed workers")
+    with ctx.open_checkpoint() as resume:
+        if resume:
+            _resume(ctx, trainer, resume, plan)
+    progress = trainer.progress
+    progress.world_size = ctx.world_size
+    model = trainer.wrap(ctx.world_size)
+    model.train()
+    sizes = ResolutionSchedule.from_config(cfg.data.image_size, cfg.resolution)
+    ctx.log(
+        f"plan: {plan.describe()}; {train.steps_per_epoch} steps per epoch; peak LR "
+        f"{peak_lr(cfg.optim.lr_per_256, plan.global_size):.4g}; precision {trainer.precision.name}; "
+        f"{'channels_last' if trainer.channels_last else 'contiguous'}; train size {sizes.describe(cfg.schedule.epochs)}"
+    )
+    ctx.track_start(progress.step, _start_tags(ctx, loaders, trainer, plan))
+    cadence = Cadence(cfg.run.checkpoint_every_steps, ctx.preemption_poll_s)
+    first_step_unix: list[float] = []  # wall clock at the end of this start's first step: the startup figure
+    summary: dict[str, Any] = {}
+    epochs_this_run = 0
+    while progress.epoch < cfg.schedule.epochs:
+        size = sizes.at(progress.epoch)
+        stats = train_epoch(cfg, ctx, trainer, model, _FirstStepClock(train, device, first_step_unix), cadence)
+        val = evaluate(model, loaders.val.batches(), loaders.num_classes, trainer.precision, device, cfg.eval.flip_tta)
+        record = epoch_record(trainer, ctx, stats, val, size)
+        if trainer.ema is not None:
+            ema = evaluate(
+                trainer.ema.module, loaders.val.batches(), loaders.num_classes, trainer.precision, device, cfg.eval.flip_tta
+            )
+            record.update({f"val_ema/{k}": v for k, v in ema.items()})
+        if skipped := train.skipped + loaders.excluded:
+            record["data/skipped_images"] = skipped
+        if math.isnan(stats.loss):
+            raise FloatingPointError(f"train loss is NaN at epoch {progress.epoch + 1}; lower optim.lr_per_256")
+        progress.epoch += 1
+        progress.step_in_epoch = 0
+        is_best = val["top1"] > progress.best_top1 or not progress.history
+        progress.best_top1 = max(progress.best_top1, val["top1"])
+        progress.history.append(record)
+        ctx.log(
+            f"epoch {progress.epoch}/{cfg.schedule.epochs} done in {stats.seconds:.1f} s at {size} px: train loss "
+            f"{stats.loss:.4f} | val top1 {val['top1']:.2f}% top5 {val['top5']:.2f}% loss {val['loss']:.4f} | "
+            f"{record['train/img_per_s']:.1f} img/s"
+        )
+        ctx.track({k: v for k, v in record.items() if k not in ("step", "world_size")}, progress.step)
+        if ctx.world_rank == 0:
+            ctx.write_text("metrics.jsonl", jsonl(progress.history))
+        t_report = time.perf_counter()
+        report(ctx, trainer, record, best=is_best)
+        cadence.last_report_s = time.perf_counter() - t_report
+        epochs_this_run += 1
+        summary = {**record, "first_step_unix": first_step_unix[0] if first_step_unix else None}
+        if cfg.run.stop_after_epochs and epochs_this_run >= cfg.run.stop_after_epochs:
+            if progress.epoch < cfg.schedule.epochs:
+                ctx.log(f"stopping after {epochs_this_run} epoch(s) as asked; rerun the same command to continue")
+            break
+    if not summary:  # nothing left to train: report the last state again
+        summary = dict(progress.history[-1]) if progress.history else {}
+    summary.update(best_top1=progress.best_top1, resizes=len(progress.resizes), finished=progress.epoch >= cfg.schedule.epochs)
+    return summary
+
+
+class _FirstStepClock:
+    """The train batches, noting the wall clock once the first step of this start has finished (the startup
+    figure): at the second batch asked for, after one sync, so the figure means a finished step on a GPU too."""
+
+    def __init__(self, train, device: torch.device, out: list[float]):
+        self.train, self.device, self.out = train, device, out
+        self.steps_per_epoch = train.steps_per_epoch
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        for i, batch in enumerate(self.train.epoch(epoch, start_step)):
+            if i == 1 and not self.out:
+                sync_device(self.device)
+                self.out.append(time.time())
+            yield batch
+
+
+def _start_tags(ctx: TrainContext, loaders, trainer: Trainer, plan: BatchPlan) -> dict[str, Any]:
+    device = ctx.device
+    return {
+        "device": f"{ctx.world_size} x {device.type}",
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "data_backend": loaders.backend,
+        "precision": trainer.precision.name,
+        "memory_format": "channels_last" if trainer.channels_last else "contiguous",
+        "accumulation": plan.accum(0),
+    }
+
+
 def _load_first_readable(ctx: TrainContext, resume: str) -> tuple[dict[str, Any], str, contextlib.ExitStack]:
     """The newest checkpoint that loads. Writes are atomic, but storage can still lose or cut a
     file; an unreadable newest checkpoint falls back to the one before, and says so."""
@@ -368,62 +306,38 @@ def _load_first_readable(ctx: TrainContext, resume: str) -> tuple[dict[str, Any]
     for candidate in itertools.chain([contextlib.nullcontext(resume)], ctx.older_checkpoints()):
         path = stack.enter_context(candidate)
         try:
-            return load_checkpoint(path, map_location=ctx.device), path, stack
+            return ckpt.load_checkpoint(path), path, stack
         except UserError as e:
             ctx.log(f"checkpoint unreadable, trying the one before: {e}")
     stack.close()
     raise UserError(f"no readable checkpoint for this run (the newest is {resume}); pass a new --name to start over")
 
 
-def _resume(ctx: TrainContext, trainer: Trainer, train, resume: str, plan: recipe.BatchPlan) -> None:
+def _resume(ctx: TrainContext, trainer: Trainer, resume: str, plan: BatchPlan) -> None:
     state, resume, stack = _load_first_readable(ctx, resume)
     with stack:
         trainer.load_state_dict(state, keep_hyperparameters=ctx.from_init)
-        if ctx.from_init:
-            ctx.log(f"starting from another run's checkpoint {resume}, with this run's hyperparameters")
-        _after_load(ctx, trainer, train, resume, plan)
-
-
-def _after_load(ctx: TrainContext, trainer: Trainer, train, resume: str, plan: recipe.BatchPlan) -> None:
+    if ctx.from_init:
+        ctx.log(f"starting from another run's checkpoint {resume}, with this run's hyperparameters")
     p = trainer.progress
     ctx.log(f"resumed from {resume}: epoch {p.epoch}, step {p.step} ({p.step_in_epoch} into the epoch)")
     if p.world_size and p.world_size != ctx.world_size:
         p.resizes.append({"step": p.step, "old": p.world_size, "new": ctx.world_size})
         ctx.log(
-            f"resize: world size {p.world_size} -> {ctx.world_size} at step {p.step}; the global batch "
-            f"stays {plan.global_size} ({plan.micro} x {plan.accum} accumulation per rank)"
-        )
-    _restore_data_state(ctx, train, resume, p)
-
-
-def _restore_data_state(ctx: TrainContext, train, resume: str, p) -> None:
-    """Give a reader with a state (DALI) its position, if the checkpoint has one for this rank."""
-    if not hasattr(train, "load_state"):
-        return
-    file = Path(resume) / f"data_rank{ctx.world_rank}.bin"
-    if p.world_size == ctx.world_size and file.is_file():
-        train.load_state(file.read_bytes())
-    elif p.step_in_epoch:
-        ctx.log(
-            f"data: the checkpoint has no reader state for world size {ctx.world_size}; epoch {p.epoch + 1} "
-            f"continues at step {p.step_in_epoch} with a new data order"
+            f"resize: world size {p.world_size} -> {ctx.world_size} at step {p.step}; {plan.describe()}; "
+            f"the epoch goes on with the images it has not trained yet"
         )
 
 
-def _report(ctx: TrainContext, trainer: Trainer, metrics: dict[str, Any], train=None, best: bool = False) -> None:
-    """Every rank reports (a barrier under Ray). Rank 0 writes the training state; every rank
-    writes its reader state, if any, and Ray merges the ranks' folders into one checkpoint.
-    A new best val top-1 is also kept apart, as `best_<name>`, beyond the newest-K pruning."""
-    name = f"epoch{trainer.progress.epoch:04d}_step{trainer.progress.step:08d}"
-    data_state = train.state() if train is not None and hasattr(train, "state") else None
-    if ctx.world_rank != 0 and data_state is None:
+def report(ctx: TrainContext, trainer: Trainer, metrics: dict[str, Any], best: bool = False) -> None:
+    """Every rank reports (a barrier under Ray); rank 0 writes the training state. A new best val top-1 is
+    also kept apart, as `best_<name>`, beyond the newest-K pruning."""
+    name = ckpt.checkpoint_name(trainer.progress.epoch, trainer.progress.step)
+    if ctx.world_rank != 0:
         ctx.report(metrics, None, name)
         return
-    with staging_dir() as tmp:
-        if data_state is not None:
-            (Path(tmp) / f"data_rank{ctx.world_rank}.bin").write_bytes(data_state)
-        if ctx.world_rank == 0:
-            save_checkpoint(tmp, trainer.state_dict(), trainer.cfg.to_yaml())
-            if best:
-                ctx.save_best(tmp, name)
+    with ckpt.staging_dir() as tmp:
+        ckpt.save_checkpoint(tmp, trainer.state_dict(), trainer.cfg.to_yaml())
+        if best:
+            ctx.save_best(tmp, name)
         ctx.report(metrics, tmp, name)

@@ -1,4 +1,4 @@
-"""NVIDIA's ResNet50 v1.5 recipe: batch plan, parameter groups, optimizer, LR schedule, loss.
+"""NVIDIA's ResNet50 v1.5 recipe: parameter groups, optimizer, LR schedule, loss, mixup and the weight EMA.
 
 Every function takes plain values or one config section, never the whole config tree.
 """
@@ -6,7 +6,6 @@ Every function takes plain values or one config section, never the whole config 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -14,41 +13,6 @@ from torch.optim import lr_scheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from rn50_ray.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """How one optimizer step of `global_size` images splits over the workers.
-
-    The global batch is fixed; the per-rank share and the accumulation steps follow from the
-    world size at each (re)start, so steps per epoch, the LR curve and the results do not
-    depend on how many workers happen to be alive.
-    """
-
-    global_size: int
-    world_size: int
-    micro: int  # images per forward/backward on one rank
-    accum: int  # micro-batches per optimizer step
-
-    @property
-    def per_rank(self) -> int:
-        return self.micro * self.accum
-
-    def steps_per_epoch(self, dataset_size: int) -> int:
-        return dataset_size // self.global_size
-
-
-def plan_batches(global_size: int, world_size: int, max_micro: int) -> BatchPlan:
-    """Split `global_size` evenly over ranks, then into the fewest micro-batches <= max_micro."""
-    if global_size % world_size:
-        raise ValueError(f"batch.global_size {global_size} is not divisible by the world size {world_size}")
-    per_rank = global_size // world_size
-    accum = next(a for a in range(1, per_rank + 1) if per_rank % a == 0 and per_rank // a <= max_micro)
-    return BatchPlan(global_size, world_size, per_rank // accum, accum)
-
-
-def peak_lr(lr_per_256: float, global_size: int) -> float:
-    return lr_per_256 * global_size / 256
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_bn_and_bias: bool = False) -> list[dict]:
@@ -89,27 +53,33 @@ def build_optimizer(model: nn.Module, optim_cfg, lr: float, kernel: str) -> torc
         lr=lr,
         momentum=optim_cfg.momentum,
         nesterov=optim_cfg.nesterov,
-        fused=kernel == "fused" or None,
-        foreach=kernel == "foreach" or None,
+        fused=kernel == "fused",
+        foreach=kernel == "foreach",  # False, not None, for the loop: None is foreach on CUDA
     )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg, steps_per_epoch: int) -> lr_scheduler.LRScheduler:
-    """Per-iteration linear warmup, then cosine, linear or step decay; stepped once per optimizer step."""
+    """Stepped once per optimizer step. Per-iteration linear warmup, then cosine, linear or step decay; or
+    FFCV's triangular schedule: linear from 1e-4 x peak to the peak at peak_epoch, then linear to end_lr."""
     total = sched_cfg.epochs * steps_per_epoch
-    warmup = min(round(sched_cfg.warmup_epochs * steps_per_epoch), max(total - 1, 0))
     base = optimizer.param_groups[0]["lr"]
+    end = min(sched_cfg.end_lr / base, 1.0) if base > 0 else 0.0
+    if sched_cfg.kind == "triangular":
+        peak = min(max(round(sched_cfg.peak_epoch * steps_per_epoch), 1), max(total - 1, 1))
+        rise = lr_scheduler.LinearLR(optimizer, start_factor=1e-4, end_factor=1.0, total_iters=peak)
+        fall = lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=end, total_iters=max(total - peak, 1))
+        return lr_scheduler.SequentialLR(optimizer, schedulers=[rise, fall], milestones=[peak])
+    warmup = min(round(sched_cfg.warmup_epochs * steps_per_epoch), max(total - 1, 0))
     after = max(total - warmup, 1)
     if sched_cfg.kind == "cosine":
         main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=after, eta_min=sched_cfg.end_lr)
     elif sched_cfg.kind == "linear":
-        end = min(sched_cfg.end_lr / base, 1.0) if base > 0 else 0.0
         main = lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=end, total_iters=after)
     elif sched_cfg.kind == "step":
         milestones = [max(m * steps_per_epoch - warmup, 1) for m in sched_cfg.milestones]
         main = lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=sched_cfg.gamma)
     else:
-        raise ValueError(f"schedule.kind: expected cosine, linear or step, got {sched_cfg.kind!r}")
+        raise ValueError(f"schedule.kind: expected cosine, linear, step or triangular, got {sched_cfg.kind!r}")
     if warmup <= 1:
         return main
     # lr(s) = base * (s + 1) / warmup for s < warmup, as NVIDIA's (s counted in iterations, not epochs).
@@ -132,20 +102,26 @@ def build_mixup(alpha: float, num_classes: int):
 
 
 class WeightEMA(AveragedModel):
-    """NVIDIA's weight EMA, ema = decay * ema + (1 - decay) * weights, starting from the weights it is
-    made with, inside torch's AveragedModel (so checkpoints and evaluation load it as one).
-    update_parameters is written here because torch's reads n_averaged on the host twice a step,
-    and each read is a GPU sync."""
+    """NVIDIA's weight EMA (DeepLearningExamples' `EMA`): after optimizer step t (from 0),
+    ema = d_t * ema + (1 - d_t) * weights with d_t = min(decay, (1 + t) / (10 + t)), so the random initial
+    weights it starts from wash out within the first steps. Inside torch's AveragedModel, so checkpoints and
+    evaluation load it as one. update_parameters is written here because torch's reads n_averaged on the host
+    twice a step, and each read is a GPU sync; here n_averaged stays a CPU tensor and t is read from it."""
 
     def __init__(self, model: nn.Module, decay: float):
-        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        super().__init__(model, use_buffers=True)
+        self.decay = decay
+
+    def decay_at(self, t: int) -> float:
+        return min(self.decay, (1 + t) / (10 + t))
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
         ours = itertools.chain(self.module.parameters(), self.module.buffers())
         pairs = list(zip(ours, itertools.chain(model.parameters(), model.buffers()), strict=True))
         floats = [(a, m.detach()) for a, m in pairs if a.is_floating_point()]
-        self.multi_avg_fn([a for a, _ in floats], [m for _, m in floats], self.n_averaged)
+        update = get_ema_multi_avg_fn(self.decay_at(int(self.n_averaged)))
+        update([a for a, _ in floats], [m for _, m in floats], self.n_averaged)
         for a, m in pairs:
             if not a.is_floating_point():
                 a.copy_(m)  # BatchNorm's num_batches_tracked: a count, not averaged

@@ -61,26 +61,30 @@ def train_step(
     criterion: nn.Module,
     precision: Precision,
     accum: int = 1,
+    loss_weight: float | None = None,
 ) -> torch.Tensor:
-    """Forward and backward over `accum` micro-batches, then one optimizer step.
+    """Forward and backward over `accum` micro-batches (sizes differing by at most one), then one optimizer step.
 
-    DDP all-reduces gradients only on the last micro-batch (`no_sync` on the others).
-    Returns the mean loss as a 0-d tensor on the device.
+    Each image's loss counts with `loss_weight` in the gradient: the batch plan's W / N, so that DDP's mean
+    over ranks is the mean over the global batch; by default 1 / len(images), this batch's mean. DDP
+    all-reduces gradients only on the last micro-batch (`no_sync` on the others). Returns the sum of the
+    images' losses as a 0-d tensor on the device.
     """
+    weight = loss_weight if loss_weight is not None else 1.0 / len(images)
     total = torch.zeros((), device=images.device)
-    chunks = zip(images.chunk(accum), targets.chunk(accum), strict=True)
+    chunks = list(zip(images.tensor_split(min(accum, len(images))), targets.tensor_split(min(accum, len(images))), strict=True))
     for i, (x, y) in enumerate(chunks):
-        last = i == accum - 1
+        last = i == len(chunks) - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with precision.autocast():
-                loss = criterion(model(x), y)
-            scaler.scale(loss / accum).backward()
-        total += loss.detach().float()
+                loss = criterion(model(x), y)  # the micro-batch's mean
+            scaler.scale(loss * (len(x) * weight)).backward()
+        total += loss.detach().float() * len(x)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return total / accum
+    return total
 
 
 @torch.no_grad()

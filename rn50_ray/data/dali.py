@@ -1,37 +1,39 @@
 """The `dali-cpu` and `dali-gpu` backends: NVIDIA DALI pipelines, with DALI's functional API.
 
-Train: file reader (sharded by world rank, padded so every rank has the same epoch length),
-fused decode + random crop (area crop_area_min-1, aspect 3/4-4/3), resize, random flip and
-normalize, written NCHW or NHWC (channels_last), in fp16 under AMP. Val: resize the shorter
-side to image_size / val_crop_ratio, then center-crop. `dali-gpu` decodes with
-device="mixed" (nvJPEG, and the A100/H100 hardware decoder with `hw_decoder_load`).
-
-The reader is given the file list of `folder.scan_split`, so labels match the pytorch
-backend exactly and files that are not images are never read. Imported only when chosen.
+Train: a parallel external source (`dali_source.TrainSource`, in DALI's own reader processes) hands over
+each step's images as bytes, with the crop window and mirror flag that `order` gives them; DALI decodes only
+that window (`decoders.image_slice`, ROI decoding; `dali-gpu` decodes with device="mixed", nvJPEG and the
+A100/H100 hardware decoder), resizes it to the epoch's train size and normalizes it, NCHW or NHWC
+(channels_last), in fp16 under AMP. The size is an input of the pipeline, so a progressive-resizing schedule
+needs no rebuild. Val: the sharded file reader, resize the shorter side to size / val_crop_ratio, then a
+center crop. Imported only when chosen.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from rn50_ray.data import MEAN, STD
+from rn50_ray.core.batching import BatchPlan
+from rn50_ray.data.audit import SampleLog
+from rn50_ray.data.dali_source import TrainSource
 from rn50_ray.data.folder import Split
 from rn50_ray.data.screen import bad_image_error, find_bad_images
+from rn50_ray.data.types import MEAN, STD, Batch, Loaders, Shard
 from rn50_ray.errors import DataError
 
 READER = "Reader"
 # nvJPEG's buffers sized for full-size ImageNet images, as in NVIDIA's pipeline.
 DEVICE_PADDING, HOST_PADDING = 211_025_920, 140_544_512
 
-
-# How DALI names the file it failed on, where it does (a bad header gives only a codec status).
+# How DALI or the source names the file it failed on, where it does (a bad header gives only a codec status).
 _FAILED_FILE = re.compile(r"(?:Failed to decode sample #\d+ : |File mapping failed: |Could not open file )(\S+)")
+_SOURCE_FILE = re.compile(r"ValueError: (\S+): cannot decode image")
 
 
 @contextlib.contextmanager
@@ -40,11 +42,11 @@ def _bad_file_errors(split: Split) -> Iterator[None]:
     so a file that got past the driver's screen still ends the run, but with a clear message."""
     try:
         yield
-    except RuntimeError as e:
+    except Exception as e:  # DALI re-raises a reader process's error as a plain Exception with its traceback
         text = str(e)
-        if "Critical error in pipeline" not in text:
+        if "Critical error in pipeline" not in text and "cannot decode image" not in text:
             raise
-        found = _FAILED_FILE.search(text)
+        found = _FAILED_FILE.search(text) or _SOURCE_FILE.search(text)
         if found:
             raise DataError(f"{found.group(1)}: cannot decode image (DALI); remove it or pass --skip-bad-images") from None
         bad = find_bad_images(p for p, _ in split.samples)  # DALI did not say which: look (on failure only)
@@ -55,7 +57,7 @@ def _bad_file_errors(split: Split) -> Iterator[None]:
         raise DataError(f"{split.root}: DALI could not decode an image that PIL decodes ({detail})") from None
 
 
-def _normalize(images, mirror, *, size: int, fp16: bool, nhwc: bool):
+def _normalize(images, mirror, *, fp16: bool, nhwc: bool, crop: int | None = None):
     # A center just below 0.5 rounds a half-pixel margin down, as torchvision's CenterCrop does for
     # the short side; otherwise DALI's crop sits one pixel right of and below the pytorch backend's.
     return fn.crop_mirror_normalize(
@@ -64,181 +66,119 @@ def _normalize(images, mirror, *, size: int, fp16: bool, nhwc: bool):
         crop_pos_y=0.5 - 1e-6,
         dtype=types.FLOAT16 if fp16 else types.FLOAT,
         output_layout="HWC" if nhwc else "CHW",
-        crop=(size, size),
+        crop=(crop, crop) if crop else None,
         mean=[m * 255 for m in MEAN],
         std=[s * 255 for s in STD],
         mirror=mirror,
     )
 
 
-def _read(files, labels, *, shard_id, num_shards, train: bool):
-    """The sharded file reader. Train shards are padded to equal length, so every rank runs the
-    same number of steps; val is read once, in file order, without padding."""
-    return fn.readers.file(
-        files=files,
-        labels=labels,
-        random_shuffle=train,
-        shard_id=shard_id,
-        num_shards=num_shards,
-        pad_last_batch=train,
-        name=READER,
-    )
-
-
-def _to_torch(batch, nhwc: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    images = batch[0]["images"]
-    if nhwc:
-        images = images.permute(0, 3, 1, 2)  # NHWC memory, NCHW shape: channels_last at no cost
-    # Both copies non-blocking: a blocking one to a GPU waits for every step queued before it.
-    labels = batch[0]["labels"].view(-1).to(device, non_blocking=True).long()
-    return images.to(device, non_blocking=True), labels
+def _labels_on(label, gpu: bool):
+    """Labels come from the CPU; a GPU pipeline hands them over on the GPU too, as DALI's examples do,
+    so the step never waits on a host-to-device copy."""
+    return label.gpu() if gpu else label
 
 
 @pipeline_def
-def train_pipeline(files, labels, *, shard_id, num_shards, size, area_min, gpu, fp16, nhwc, hw_decoder_load):
-    jpegs, label = _read(files, labels, shard_id=shard_id, num_shards=num_shards, train=True)
-    decode_args = dict(output_type=types.RGB, random_area=[area_min, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=100)
+def train_pipeline(source: TrainSource, *, gpu: bool, fp16: bool, nhwc: bool, hw_decoder_load: float):
+    jpegs, label, anchor, shape, mirror, size, index = fn.external_source(
+        source=source, num_outputs=7, batch=False, parallel=True
+    )
+    # EXIF orientation is left alone, as PIL (and so the pytorch backend and the crop windows) leave it.
+    decode = dict(normalized_anchor=False, normalized_shape=False, output_type=types.RGB, adjust_orientation=False)
     if gpu:
-        images = fn.decoders.image_random_crop(
-            jpegs,
-            device="mixed",
-            device_memory_padding=DEVICE_PADDING,
-            host_memory_padding=HOST_PADDING,
-            hw_decoder_load=hw_decoder_load,
-            **decode_args,
-        )
-    else:
-        images = fn.decoders.image_random_crop(jpegs, device="cpu", **decode_args)
+        decode.update(device_memory_padding=DEVICE_PADDING, host_memory_padding=HOST_PADDING, hw_decoder_load=hw_decoder_load)
+    images = fn.decoders.image_slice(jpegs, anchor, shape, device="mixed" if gpu else "cpu", **decode)
     images = fn.resize(images, resize_x=size, resize_y=size, antialias=False)
-    mirror = fn.random.coin_flip(probability=0.5)
-    return _normalize(images, mirror, size=size, fp16=fp16, nhwc=nhwc), _labels_on(label, gpu)
+    return _normalize(images, mirror, fp16=fp16, nhwc=nhwc), _labels_on(label, gpu), index
 
 
 @pipeline_def
 def val_pipeline(files, labels, *, shard_id, num_shards, size, crop_ratio, gpu, fp16, nhwc):
-    jpegs, label = _read(files, labels, shard_id=shard_id, num_shards=num_shards, train=False)
+    jpegs, label = fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards, name=READER)
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
     images = fn.resize(images, resize_shorter=round(size / crop_ratio), antialias=False)
-    return _normalize(images, 0, size=size, fp16=fp16, nhwc=nhwc), _labels_on(label, gpu)
+    return _normalize(images, 0, fp16=fp16, nhwc=nhwc, crop=size), _labels_on(label, gpu)
 
 
-def _labels_on(label, gpu: bool):
-    """The reader's labels are on the CPU; a GPU pipeline hands them over on the GPU too, as DALI's
-    examples do, so the step never waits on a host-to-device copy."""
-    return label.gpu() if gpu else label
-
-
-def _lists(split: Split) -> tuple[list[str], list[int]]:
-    return [p for p, _ in split.samples], [label for _, label in split.samples]
+def _to_torch(data: dict, nhwc: bool, device: torch.device) -> Batch:
+    images = data["images"]
+    if nhwc:
+        images = images.permute(0, 3, 1, 2)  # NHWC memory, NCHW shape: channels_last at no cost
+    # Both copies non-blocking: a blocking one to a GPU waits for every step queued before it.
+    labels = data["labels"].view(-1).to(device, non_blocking=True).long()
+    return images.to(device, non_blocking=True), labels
 
 
 class DaliTrain:
-    """Exactly `steps_per_epoch` batches per epoch on every rank; the reader state travels in
-    checkpoints, so a resume on the same world size continues with the exact next batches."""
+    """`steps_per_epoch` batches per epoch, each this rank's share of the step. The pipeline is built at the
+    first epoch asked for and follows on epoch after epoch; asked for anything else, it is built again."""
 
-    def __init__(
-        self,
-        split: Split,
-        *,
-        rank: int,
-        world: int,
-        per_rank: int,
-        steps: int,
-        size: int,
-        area_min: float,
-        device: torch.device,
-        gpu: bool,
-        fp16: bool,
-        nhwc: bool,
-        threads: int,
-        seed: int,
-        prefetch: int = 2,
-        hw_decoder_load: float = 0.65,
-    ):
-        self.files, self.labels = _lists(split)
-        self.prefetch = prefetch
-        self.split = split
-        self.kw = dict(
-            shard_id=rank,
-            num_shards=world,
-            size=size,
-            area_min=area_min,
-            gpu=gpu,
-            fp16=fp16,
-            nhwc=nhwc,
-            hw_decoder_load=hw_decoder_load,
-        )
-        self.per_rank, self.steps_per_epoch = per_rank, steps
-        self.threads, self.seed, self.rank = threads, seed, rank
-        self.device_id = device.index if gpu else None  # Ray's torch device, not ray.get_gpu_ids()
-        self.device, self.nhwc = device, nhwc
-        self.restored: bytes | None = None
+    def __init__(self, split: Split, shard: Shard, plan: BatchPlan, *, steps: int, seed: int, area_min: float,
+                 size_at: Callable[[int], int], gpu: bool, fp16: bool, nhwc: bool, threads: int, prefetch: int,
+                 log: SampleLog | None, hw_decoder_load: float = 0.65):  # fmt: skip
+        self.split, self.shard, self.plan, self.log = split, shard, plan, log
+        self.steps_per_epoch, self.seed, self.area_min, self.size_at = steps, seed, area_min, size_at
+        self.kw = dict(gpu=gpu, fp16=fp16, nhwc=nhwc, hw_decoder_load=hw_decoder_load)
+        self.threads, self.prefetch = threads, prefetch
+        self.device_id = shard.device.index if gpu else None  # Ray's torch device, not ray.get_gpu_ids()
         self.iterator: DALIGenericIterator | None = None
+        self.next_epoch: int | None = None  # the epoch the pipeline delivers next from its step 0
+        self.skipped = 0  # DALI cannot skip: the driver's screen leaves bad files out before training
 
-    def _build(self, epoch: int, checkpoint: bytes | None) -> None:
+    def _build(self, epoch: int, start_step: int) -> None:
+        source = TrainSource(
+            [p for p, _ in self.split.samples],
+            [label for _, label in self.split.samples],
+            self.plan,
+            self.shard.rank,
+            steps=self.steps_per_epoch,
+            seed=self.seed,
+            area_min=self.area_min,
+            size_at=self.size_at,
+            first_epoch=epoch,
+            first_step=start_step,
+        )
         pipe = train_pipeline(
-            self.files,
-            self.labels,
-            batch_size=self.per_rank,
+            source,
+            batch_size=self.plan.share(self.shard.rank),
             num_threads=self.threads,
             device_id=self.device_id,
-            seed=self.seed * 10_007 + epoch * 101 + self.rank,
-            enable_checkpointing=True,
-            checkpoint=checkpoint,
+            py_num_workers=self.threads,
+            py_start_method="spawn",  # CUDA is up in a Ray GPU worker: fork is unsafe there
             prefetch_queue_depth=self.prefetch,
+            seed=self.seed,
             **self.kw,
         )
         with _bad_file_errors(self.split):
-            self.iterator = DALIGenericIterator(
-                pipe, ["images", "labels"], reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=True
-            )
+            self.iterator = DALIGenericIterator(pipe, ["images", "labels", "index"], auto_reset=True)
 
-    def state(self) -> bytes | None:
-        """Serialized reader and RNG state: where the next batch comes from."""
-        return self.iterator.checkpoints()[0] if self.iterator is not None else None
-
-    def load_state(self, state: bytes | None) -> None:
-        self.restored = state
-
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.iterator is None:
-            self._build(epoch, self.restored)
-            self.restored = None
-        todo = self.steps_per_epoch - start_step
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        if self.iterator is None or (epoch, start_step) != (self.next_epoch, 0):
+            self._build(epoch, start_step)
+        self.next_epoch = None  # until this epoch is read to its end
+        step = start_step
         with _bad_file_errors(self.split):
-            for i, batch in enumerate(self.iterator):
-                if i >= todo:
-                    continue  # drain: the padded shard may hold one batch more than the global plan
-                yield _to_torch(batch, self.nhwc, self.device)
+            for (data,) in self.iterator:
+                if self.log:
+                    self.log.write(epoch, step, data["index"].view(-1).tolist())
+                step += 1
+                yield _to_torch(data, self.kw["nhwc"], self.shard.device)
+        self.next_epoch = epoch + 1
 
 
 class DaliVal:
-    def __init__(
-        self,
-        split: Split,
-        *,
-        rank: int,
-        world: int,
-        batch: int,
-        size: int,
-        crop_ratio: float,
-        device: torch.device,
-        gpu: bool,
-        fp16: bool,
-        nhwc: bool,
-        threads: int,
-        prefetch: int = 2,
-    ):
-        files, labels = _lists(split)
+    def __init__(self, split: Split, shard: Shard, *, batch: int, size: int, crop_ratio: float, gpu: bool, fp16: bool,
+                 nhwc: bool, threads: int, prefetch: int):  # fmt: skip
         pipe = val_pipeline(
-            files,
-            labels,
+            [p for p, _ in split.samples],
+            [label for _, label in split.samples],
             batch_size=batch,
             num_threads=threads,
             prefetch_queue_depth=prefetch,
-            device_id=device.index if gpu else None,
-            shard_id=rank,
-            num_shards=world,
+            device_id=shard.device.index if gpu else None,
+            shard_id=shard.rank,
+            num_shards=shard.world_size,
             size=size,
             crop_ratio=crop_ratio,
             gpu=gpu,
@@ -246,14 +186,41 @@ class DaliVal:
             nhwc=nhwc,
             seed=0,
         )
-        self.split, self.device, self.nhwc = split, device, nhwc
+        self.split, self.device, self.nhwc = split, shard.device, nhwc
         with _bad_file_errors(self.split):
             self.iterator = DALIGenericIterator(
                 pipe, ["images", "labels"], reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
             )
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self) -> Iterator[Batch]:
         with _bad_file_errors(self.split):
-            for batch in self.iterator:
-                images, labels = _to_torch(batch, self.nhwc, self.device)
+            for (data,) in self.iterator:
+                images, labels = _to_torch(data, self.nhwc, self.device)
                 yield images.float(), labels
+
+
+def make_dali_loaders(
+    data_cfg,
+    shard: Shard,
+    plan: BatchPlan,
+    train: Split,
+    val: Split,
+    *,
+    gpu: bool,
+    steps: int,
+    seed: int,
+    channels_last: bool,
+    fp16_input: bool,
+    val_batch: int,
+    size_at: Callable[[int], int],
+    val_size: int,
+    log: SampleLog | None,
+) -> Loaders:
+    common = dict(
+        gpu=gpu, fp16=fp16_input, nhwc=channels_last, threads=max(data_cfg.loader_workers, 1), prefetch=data_cfg.prefetch
+    )
+    train_batches = DaliTrain(
+        train, shard, plan, steps=steps, seed=seed, area_min=data_cfg.crop_area_min, size_at=size_at, log=log, **common
+    )
+    val_batches = DaliVal(val, shard, batch=val_batch, size=val_size, crop_ratio=data_cfg.val_crop_ratio, **common)
+    return Loaders(train_batches, val_batches, len(train.classes), len(train), len(val))

@@ -70,3 +70,13 @@ def check_dataset(root: str | os.PathLike) -> tuple[Split, Split]:
             f"{root}: train/ and val/ have different classes (only in train: {only_train[:5]}, only in val: {only_val[:5]})"
         )
     return train, val
+
+
+def check_batch_fits(train: Split, global_batch: int) -> int:
+    """Steps per epoch, or a DataError when the split holds less than one global batch."""
+    steps = len(train) // global_batch
+    if steps == 0:
+        raise DataError(
+            f"{train.root}: {len(train)} images is less than one global batch ({global_batch}); lower batch.global_size"
+        )
+    return steps

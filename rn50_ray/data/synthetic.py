@@ -5,57 +5,62 @@ It measures the training step without any input cost, as NVIDIA's synthetic back
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
-from rn50_ray.data import Loaders, Shard
+from rn50_ray.core.batching import BatchPlan
+from rn50_ray.data.types import Batch, Loaders, Shard
 
 SYNTHETIC_CLASSES = 1000
 
 
 class SyntheticTrain:
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, steps: int):
-        self.images, self.labels, self.steps_per_epoch = images, labels, steps
+    def __init__(self, make: Callable[[int], Batch], steps: int, size_at: Callable[[int], int]):
+        self.make, self.size_at, self.steps_per_epoch = make, size_at, steps
+        self.batch: tuple[int, Batch] | None = None  # (size, batch)
         self.skipped = 0
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        size = self.size_at(epoch)
+        if self.batch is None or self.batch[0] != size:
+            self.batch = (size, self.make(size))
         for _ in range(start_step, self.steps_per_epoch):
-            yield self.images, self.labels
+            yield self.batch[1]
 
 
 class SyntheticVal:
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batches: int):
-        self.images, self.labels, self.n = images, labels, batches
+    def __init__(self, batch: Batch):
+        self.batch = batch
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for _ in range(self.n):
-            yield self.images, self.labels
+    def batches(self) -> Iterator[Batch]:
+        yield self.batch
 
 
 def make_synthetic_loaders(
     data_cfg,
     shard: Shard,
-    per_rank: int,
+    plan: BatchPlan,
     *,
-    global_batch: int,
     seed: int,
     channels_last: bool,
+    size_at: Callable[[int], int],
+    val_batch: int,
     num_classes: int = SYNTHETIC_CLASSES,
 ) -> Loaders:
-    g = torch.Generator().manual_seed(seed * 7919 + shard.rank)
-    size = data_cfg.image_size
-    images = torch.randn(per_rank, 3, size, size, generator=g).to(shard.device)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, num_classes, (per_rank,), generator=g).to(shard.device)
-    steps = max(data_cfg.synthetic_samples // global_batch, 1)
-    notes = [f"data: synthetic backend, {steps} steps per epoch of {global_batch} images"]
+    share = plan.share(shard.rank)
+
+    def make(size: int) -> Batch:
+        g = torch.Generator().manual_seed(seed * 7919 + shard.rank)
+        images = torch.randn(share, 3, size, size, generator=g).to(shard.device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, torch.randint(0, num_classes, (share,), generator=g).to(shard.device)
+
+    steps = max(data_cfg.synthetic_samples // plan.global_size, 1)
+    images, labels = make(data_cfg.val_image_size or data_cfg.image_size)
+    val = images[:val_batch], labels[:val_batch]
+    notes = [f"data: synthetic backend, {steps} steps per epoch of {plan.global_size} images"]
     return Loaders(
-        SyntheticTrain(images, labels, steps),
-        SyntheticVal(images, labels, 1),
-        num_classes,
-        steps * global_batch,
-        per_rank * shard.world_size,
-        notes,
+        SyntheticTrain(make, steps, size_at), SyntheticVal(val), num_classes, steps * plan.global_size, len(val[1]), notes
     )

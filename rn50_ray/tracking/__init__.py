@@ -13,6 +13,7 @@ Train V2 ships no MLflow callback, hence this module.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import socket
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rn50_ray import run_folder
 from rn50_ray.config import Config, flatten
 from rn50_ray.errors import UserError
 from rn50_ray.tracking.sink import quick_failing_http
@@ -30,10 +32,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def embedded_store(storage: str) -> tuple[str, str]:
-    """The laptop default: a SQLite store and an artifact folder beside the runs."""
-    if "://" in storage:
-        storage = os.path.abspath("runs")  # the store cannot live on an object store: keep it local
-    root = Path(storage).resolve()
+    """The laptop default: a SQLite store and an artifact folder beside the runs. SQLite cannot live on an
+    object store, so with remote storage the store is ./runs on this machine (open_run says so)."""
+    root = Path("runs" if run_folder.is_remote(storage) else storage).resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}", (root / "mlartifacts").as_uri()
 
@@ -71,25 +72,24 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _version(*dists: str) -> str:
+    """The installed version of the first of `dists` that is installed (read from its metadata: no import)."""
+    for dist in dists:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
 def provenance_tags(cfg: Config, run_uri: str) -> dict[str, str]:
-    import mlflow
-    import ray
-    import torch
-    import torchvision
-
-    try:
-        from nvidia import dali
-
-        dali_version = dali.__version__
-    except ImportError:
-        dali_version = "not installed"
     return {
         "git_commit": _git_commit(),
-        "ray_version": ray.__version__,
-        "torch_version": torch.__version__,
-        "torchvision_version": torchvision.__version__,
-        "dali_version": dali_version,
-        "mlflow_version": mlflow.__version__,
+        "ray_version": _version("ray"),
+        "torch_version": _version("torch"),
+        "torchvision_version": _version("torchvision"),
+        "dali_version": _version("nvidia-dali-cuda120", "nvidia-dali-cuda130", "nvidia-dali-cuda110"),
+        "mlflow_version": _version("mlflow"),
         "driver_host": socket.gethostname(),
         "rn50.run_uri": run_uri,
         "rn50.workers": cfg.scale.workers,
@@ -119,6 +119,12 @@ def open_run(cfg: Config, run_uri: str, read_file, write_file) -> TrackedRun | N
     if cfg.tracking.mode == "off":
         return None
     uri, artifact_root = resolve_uri(cfg)
+    if artifact_root and run_folder.is_remote(cfg.run.storage):
+        print(
+            f"tracking: an MLflow store cannot live on {cfg.run.storage}; this run's is {uri} on this machine "
+            f"(pass --mlflow-uri to use a tracking server)",
+            flush=True,
+        )
     problem = unreachable(uri)
     if problem:
         message = f"tracking.uri: MLflow at {uri} is unreachable ({problem})"
@@ -172,11 +178,19 @@ def log_results(tracked: TrackedRun, cfg: Config, files: dict[str, str], history
             client.log_artifact(tracked.run_id, str(Path(tmp) / name))
         for path in artifacts.plots(cfg, history, Path(tmp) / "plots"):
             client.log_artifact(tracked.run_id, str(path), "plots")
-    if best and Path(best).is_dir():
-        if cfg.tracking.log_checkpoint:
-            client.log_artifacts(tracked.run_id, best, "checkpoints/best")
-        if cfg.tracking.log_model:
-            artifacts.log_model(tracked, cfg, best)
+    if best and (cfg.tracking.log_checkpoint or cfg.tracking.log_model):
+        with run_folder.local_copy(best) as local:
+            if cfg.tracking.log_checkpoint:
+                client.log_artifacts(tracked.run_id, local, "checkpoints/best")
+            if cfg.tracking.log_model:
+                artifacts.log_model(tracked, cfg, local)
+
+
+def log_run_folder(cfg: Config, tracked: TrackedRun, run: str, best: str | None) -> None:
+    """The run folder's config and epoch records, their plots, and (given `best`) the checkpoint and model."""
+    text = run_folder.read_file(run, "metrics.jsonl") or ""
+    history = [json.loads(line) for line in text.splitlines()]
+    log_results(tracked, cfg, {"config.yaml": cfg.to_yaml(), "metrics.jsonl": text}, history, best)
 
 
 def delete_run(tracked: TrackedRun) -> None:

@@ -14,9 +14,10 @@ from rn50_ray.config import Config
 def lr_curve(cfg: Config, steps_per_epoch: int) -> list[float]:
     """The LR at every optimizer step, from the very scheduler training uses."""
     from rn50_ray.core import recipe
+    from rn50_ray.core.batching import peak_lr
 
     param = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([param], lr=recipe.peak_lr(cfg.optim.lr_per_256, cfg.batch.global_size))
+    opt = torch.optim.SGD([param], lr=peak_lr(cfg.optim.lr_per_256, cfg.batch.global_size))
     sched = recipe.build_scheduler(opt, cfg.schedule, steps_per_epoch)
     lrs = []
     for _ in range(cfg.schedule.epochs * steps_per_epoch):
@@ -72,8 +73,8 @@ def log_model(tracked, cfg: Config, checkpoint: str) -> None:
     import mlflow
     import mlflow.pytorch
 
+    from rn50_ray.core.checkpoint import load_checkpoint
     from rn50_ray.core.model import build_model, model_kwargs
-    from rn50_ray.core.state import load_checkpoint
 
     state = load_checkpoint(checkpoint)
     model = build_model(**model_kwargs(cfg.model, state["num_classes"], channels_last=False))

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from rn50_ray.config import Config, all_keys, load_config, merge, read_yaml
 from rn50_ray.errors import ConfigError
 
@@ -28,7 +30,7 @@ REPORTED_METRICS = ("val/top1", "val/top5", "val/loss", "train/loss", "train/img
 SCHEDULERS = {
     "fifo": {},
     "asha": {"grace_period": 1, "reduction_factor": 2},
-    "pbt": {"perturbation_interval": 1, "quantile_fraction": 0.25, "resample_probability": 0.25},
+    "pbt": {"perturbation_interval": 1, "quantile_fraction": 0.25, "resample_probability": 0.25, "synch": False},
 }
 SEARCHERS = ("random", "grid", "optuna", "hyperopt")
 TOP_KEYS = {
@@ -112,9 +114,16 @@ def _check_block(source: str, name: str, block: Any, allowed: dict[str, dict[str
     return {**allowed[block["type"]], **block}
 
 
-def load_space(path: str | Path) -> Space:
-    source = str(path)
-    raw = read_yaml(path, "search space file")
+def load_space(path: str | Path | None = None, *, text: str | None = None, source: str = "") -> Space:
+    """A space file, or its `text` (a search's saved copy, wherever its storage is) named as `source`."""
+    source = source or str(path)
+    if text is None:
+        raw = read_yaml(path, "search space file")
+    else:
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise _fail(source, "(top level)", "a mapping", type(raw).__name__)
     unknown = set(raw) - TOP_KEYS
@@ -142,6 +151,8 @@ def load_space(path: str | Path) -> Space:
                 raise _fail(source, f"scheduler.mutations.{key}", "a non-empty list of values", values)
         if not 0 < scheduler["quantile_fraction"] <= 0.5:
             raise _fail(source, "scheduler.quantile_fraction", "a fraction in (0, 0.5]", scheduler["quantile_fraction"])
+        if not isinstance(scheduler["synch"], bool):
+            raise _fail(source, "scheduler.synch", "true or false", scheduler["synch"])
     search = raw.get("search", "random")
     search = search.get("type") if isinstance(search, dict) else search
     if search not in SEARCHERS:

@@ -1,15 +1,23 @@
-"""Checkpoint state as plain, weights_only-safe types, written atomically.
+"""The checkpoint format: what a checkpoint holds, what its folders are called, and how it is written and read.
 
-A checkpoint is a folder holding `state.pt` (model, optimizer, scheduler, scaler, EMA,
-progress, RNG states and the resolved config) and `config.yaml`. The model's state dict is the
-unwrapped module's, so it has no `module.` prefix and loads with any number of workers, or
-outside Ray.
+A checkpoint is a folder `checkpoint_epoch<EEEE>_step<SSSSSSSS>` (the newest K are kept) or, for the best val
+top-1 so far, `best_epoch<EEEE>_step<SSSSSSSS>`, holding `state.pt` (model, optimizer, scheduler, scaler, EMA,
+progress, RNG states, the resolved config and the class count; plain, weights_only-safe types) and
+`config.yaml`. The model's state dict is the unwrapped module's, with no `module.` prefix, so it loads with any
+number of workers, or outside Ray. Names sort by epoch and step. No data-loader state is saved: which images
+a step trains on is a function of (seed, epoch, step), see rn50_ray/data/order.py.
+
+Writes go through a temporary file and a rename; reads always land on the CPU (`load_state_dict` then copies
+into the device's parameters, and the optimizer casts its state to each parameter's device), so RNG states
+stay the CPU ByteTensors torch.set_rng_state requires.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -17,14 +25,31 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from rn50_ray.errors import UserError
 
 STATE_FILE = "state.pt"
 FORMAT_VERSION = 1
+CHECKPOINT_PREFIX = "checkpoint_"
+BEST_PREFIX = "best_"
 STAGING_PREFIX = "rn50-ckpt-"
 ORPHAN_AGE_S = 3600  # a report stages and hands over in seconds; older folders of dead writers are orphans
+_STEP = re.compile(r"_step(\d+)$")
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    """The name shared by a checkpoint's folders: `checkpoint_<name>` and, when best, `best_<name>`."""
+    return f"epoch{epoch:04d}_step{step:08d}"
+
+
+def step_of(path: str) -> int:
+    """The optimizer step in a checkpoint folder's name (…/checkpoint_epoch0002_step00000012 -> 12)."""
+    match = _STEP.search(path.rstrip("/"))
+    return int(match[1]) if match else 0
+
+
+def run_name_of(path: str) -> str:
+    """The run folder's name of a checkpoint path (…/trial_x/checkpoint_… -> trial_x)."""
+    return posixpath.basename(posixpath.dirname(path.rstrip("/")))
 
 
 @dataclass
@@ -37,8 +62,17 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
     resizes: list[dict[str, int]] = field(default_factory=list)  # {"step", "old", "new"}
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# torch is imported in the functions that use it: the CLI, the driver and Tune's callbacks read names and
+# list checkpoints through run_folder without paying torch's import.
+
 
 def rng_state() -> dict[str, Any]:
+    import torch
+
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -46,23 +80,19 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def progress_to_dict(progress: Progress) -> dict[str, Any]:
-    return asdict(progress)
-
-
-def progress_from_dict(data: dict[str, Any]) -> Progress:
-    return Progress(**data)
-
-
 def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any], config_yaml: str) -> Path:
     """Write `state` to directory/state.pt through a temporary file and a rename, so a crash
     mid-write leaves either the old file or none, never half of one."""
+    import torch
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {**state, "format_version": FORMAT_VERSION}
@@ -76,14 +106,16 @@ def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any], config_
     return directory
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint folder (or its state.pt) with `weights_only=True`."""
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint folder (or its state.pt) onto the CPU, with `weights_only=True`."""
+    import torch
+
     path = Path(path)
     file = path / STATE_FILE if path.is_dir() else path
     if not file.is_file():
         raise UserError(f"{path}: no checkpoint here (expected a folder with {STATE_FILE}, or the file itself)")
     try:
-        state = torch.load(file, map_location=map_location, weights_only=True)
+        state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise UserError(
             f"{file}: checkpoint is truncated or not a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
