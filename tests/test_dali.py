@@ -58,6 +58,16 @@ def test_val_tensors_match_the_pytorch_backend(tiny_data):
     assert torch.equal(dali_y, ref_y)
 
 
+def test_val_shards_of_unequal_length_cover_the_split_once(tiny_data):
+    # 50 val images over 3 ranks: 16, 17 and 17 (DALI's shard boundaries). DALI pads the short shard's last batch
+    # to nothing, and an empty batch would crash the metrics: none is handed over.
+    batches = [[y for _, y in _loaders(tiny_data, "dali-cpu", per_rank=8, rank=r, world=3).val.batches()] for r in range(3)]
+    assert all(len(y) for rank in batches for y in rank)
+    assert [sum(len(y) for y in rank) for rank in batches] == [16, 17, 17]
+    got = sorted(torch.cat([y for rank in batches for y in rank]).tolist())
+    assert got == sorted(label for _, label in check_dataset(tiny_data)[1].samples)
+
+
 def test_fp16_nhwc_batches_as_a_gpu_step_under_amp_gets_them(tiny_data):
     # The GPU path's layout (half precision, channels_last) from the same pipeline, built here on the CPU.
     half = _loaders(tiny_data, "dali-cpu", per_rank=25, channels_last=True, fp16_input=True)

@@ -133,3 +133,40 @@ def test_worker_crash_restarts_from_the_last_checkpoint(tiny_data, tmp_path):
     assert resumed and int(resumed[1]) >= 6, out[-4000:]
     history = _history(tmp_path)
     assert [h["step"] for h in history] == [6, 12, 18, 24, 30, 36]
+
+
+def _audit(folder: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted(folder.glob("rank*.jsonl")) for line in f.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "dali-cpu"])
+def test_a_node_lost_mid_epoch_at_a_world_size_that_does_not_divide_the_batch(tiny_data, tmp_path, cluster, backend):
+    # 2:3 workers on a global batch of 32 (11 + 11 + 10 at 3): a node goes mid-epoch 2, the run goes on at 2
+    # workers (16 + 16) from its last checkpoint, and the images of that epoch are each trained exactly once.
+    for _ in range(3):
+        add_worker_node(cluster)
+    audit = tmp_path / "audit"
+
+    def lose_a_node(*_):
+        cluster.remove_node(cluster.list_all_nodes()[-1], allow_graceful=False)
+
+    args = train_args(
+        tiny_data, tmp_path, cluster, "--workers", "2:3", "--epochs", "2", "--warmup-epochs", "0.5",
+        "--checkpoint-every-steps", "2", "--backend", backend, "--set", f"data.sample_log={audit}",
+    )  # fmt: skip
+    status, out = watch(args, [("epoch 2/2 step 3/6", lose_a_node)])
+    assert status == 0, out[-4000:]
+    assert "global batch 32 = 3 workers x 10-11 images" in out and "resize: world size 3 -> 2" in out
+    assert [h["step"] for h in _history(tmp_path)] == [6, 12]
+    resumed = re.search(r"resumed from .*: epoch 1, step \d+ \((\d+) into the epoch\)", out)
+    assert resumed, out[-4000:]
+    done_before = int(resumed[1])  # steps of epoch 2 the 3-worker group trained before the checkpoint it resumed from
+    records = _audit(audit)
+    first = [r for r in records if r["epoch"] == 0]
+    assert {r["world_size"] for r in first} == {3} and sorted(len(r["indices"]) for r in first if r["step"] == 0) == [10, 11, 11]
+    lineage = [r for r in records if r["epoch"] == 1 and (r["step"] < done_before) == (r["world_size"] == 3)]
+    assert sorted({r["step"] for r in lineage}) == list(range(6))
+    trained = [i for r in lineage for i in r["indices"]]
+    from rn50_ray.data.order import epoch_order
+
+    assert sorted(trained) == sorted(epoch_order(200, 0, 1)[:192].tolist())  # every image of the epoch, once

@@ -196,7 +196,8 @@ class DaliVal:
         with _bad_file_errors(self.split):
             for (data,) in self.iterator:
                 images, labels = _to_torch(data, self.nhwc, self.device)
-                yield images.float(), labels
+                if len(labels):  # shards of unequal length: the iterator pads the short ones' last batch to nothing
+                    yield images.float(), labels
 
 
 def make_dali_loaders(

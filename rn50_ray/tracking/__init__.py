@@ -65,6 +65,10 @@ def unreachable(uri: str) -> str | None:
 
 
 def _git_commit() -> str:
+    """The checkout's commit; or RN50_GIT_COMMIT, which a client sets where the code travels without .git
+    (`ray job submit --working-dir .` leaves it out: the README's submit command passes the commit)."""
+    if os.environ.get("RN50_GIT_COMMIT"):
+        return os.environ["RN50_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or "unknown"
