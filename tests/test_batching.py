@@ -37,7 +37,8 @@ def _train(rank: int, world: int, data: str, run_dir: str, backend: str) -> dict
     cfg = load_config(
         [],
         {
-            "data.path": data, "data.backend": backend, "data.image_size": 32, "data.loader_workers": 0 if backend == "pytorch" else 1,
+            "data.path": data, "data.backend": backend, "data.image_size": 32,
+            "data.loader_workers": 0 if backend == "pytorch" else 1,
             "batch.global_size": 24, "batch.per_worker": 4, "schedule.epochs": 1, "schedule.warmup_epochs": 0,
             "system.precision": "fp32", "optim.lr_per_256": 0.1, "run.log_every": 1,
         },

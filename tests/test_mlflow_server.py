@@ -20,7 +20,8 @@ def _start(tmp_path, port: int, gcs: int) -> subprocess.CompletedProcess:
         "--store", str(tmp_path / "store"), "--watch", f"127.0.0.1:{gcs}", "--log", str(tmp_path / "mlflow.log"),
         "--pid-file", str(tmp_path / "mlflow.pid"),
     ]  # fmt: skip
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 def _group(pgid: int) -> list[psutil.Process]:
