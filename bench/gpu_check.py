@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rn50_ray.bench import BenchOptions, bench_backend, print_table
 from rn50_ray.config import load_config
-from rn50_ray.data.loaders import dali_available
+from rn50_ray.data.backends import dali_available
 from rn50_ray.evaluate import pick_device
 
 HERE = Path(__file__).resolve().parent

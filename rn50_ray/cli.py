@@ -141,6 +141,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"(best top1 {summary.get('best_top1', 0):.2f}%), resizes {summary.get('resizes', 0)}"
     )
     print(line)
+    if summary.get("worst_classes"):
+        print(f"worst classes by val top-1: {summary['worst_classes']} (all of them: per_class.csv in the run folder)")
     if summary.get("startup_s"):
         print(f"startup: {summary['startup_s']:.1f} s from launch to the first finished training step")
     print(f"run folder: {summary['run_uri']}")
@@ -165,6 +167,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         flip_tta=args.flip_tta,
         image_size=args.image_size,
     )
+    rows = result.pop("per_class")
+    if args.per_class:
+        from rn50_ray.core.per_class import rows_to_csv
+
+        Path(args.per_class).write_text(rows_to_csv(rows))
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
@@ -174,6 +181,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
         if "ema_top1" in result:
             print(f"EMA: top1 {result['ema_top1']:.2f}%  top5 {result['ema_top5']:.2f}%  loss {result['ema_loss']:.4f}")
+        from rn50_ray.core.per_class import worst
+
+        print(f"worst classes: {worst(rows)}" + (f" (all of them: {args.per_class})" if args.per_class else ""))
     return 0
 
 
@@ -332,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None, help="default: the run's eval.flip_tta")
     p.add_argument("--loader-workers", type=int, default=2)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--per-class", metavar="CSV", help="write each class's val top-1 (with its name) to this file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
 

@@ -22,6 +22,8 @@ import yaml
 from rn50_ray import run_folder, tracking
 from rn50_ray.config import Config, parse_resources, resolve
 from rn50_ray.core.checkpoint import step_of
+from rn50_ray.core.per_class import PER_CLASS_FILE, rows_from_csv, worst
+from rn50_ray.data.backends import uses_dali
 from rn50_ray.data.folder import check_batch_fits, check_dataset
 from rn50_ray.data.screen import bad_image_error, find_bad_images
 from rn50_ray.errors import ConfigError, UserError, find_user_error
@@ -41,7 +43,7 @@ def precheck_data(cfg: Config) -> list[str]:
     bad: dict[str, str] = {}
     if cfg.data.screen_images:
         t0 = time.perf_counter()
-        bad = find_bad_images(p for split in (train, val) for p, _ in split.samples)
+        bad = find_bad_images((p for split in (train, val) for p, _ in split.samples), dali=uses_dali(cfg.data.backend))
         print(f"data: screened {len(train) + len(val)} images in {time.perf_counter() - t0:.1f} s, {len(bad)} undecodable")
         if bad and not cfg.data.skip_bad_images:
             raise bad_image_error(bad)
@@ -204,6 +206,9 @@ def run_training(cfg: Config, *, callbacks: list | None = None, bad_files: list[
     latest = getattr(result, "checkpoint", None)
     summary["checkpoint"] = run_folder.join(uri, run_folder.basename(latest.path)) if latest else None
     summary["best_checkpoint"] = run_folder.best_checkpoint(uri)
+    per_class = run_folder.read_file(uri, PER_CLASS_FILE)
+    if per_class:
+        summary["worst_classes"] = worst(rows_from_csv(per_class))
     if tracked:
         tracking.log_run_folder(cfg, tracked, uri, summary["best_checkpoint"] or summary["checkpoint"])
         summary["mlflow"] = f"run {tracked.run_id} at {tracked.uri}"

@@ -13,6 +13,7 @@ from rn50_ray.core.batching import plan_batches
 from rn50_ray.core.checkpoint import load_checkpoint
 from rn50_ray.core.loop import evaluate
 from rn50_ray.core.model import build_model, model_kwargs
+from rn50_ray.core.per_class import per_class_rows
 from rn50_ray.core.recipe import WeightEMA
 from rn50_ray.core.step import resolve_precision
 from rn50_ray.core.trainer import input_format
@@ -62,7 +63,8 @@ def evaluate_checkpoint(
     model = build_model(**model_kwargs(cfg.model, num_classes, layout["channels_last"])).to(dev)
     model.load_state_dict(state["model"])
     precision = resolve_precision(cfg.system.precision, dev)
-    result: dict[str, Any] = evaluate(model, loaders.val.batches(), num_classes, precision, dev, flip)
+    result: dict[str, Any] = evaluate(model, loaders.val.batches(), num_classes, precision, dev, flip, confusion=True)
+    result["per_class"] = per_class_rows(result.pop("confusion"), loaders.classes, loaders.class_names)
     result.update(
         images=loaders.val_size,
         image_size=data_cfg.val_image_size or data_cfg.image_size,

@@ -57,9 +57,12 @@ def test_a_training_run_logs_params_tags_metrics_artifacts_and_a_loadable_model(
     assert run.data.metrics["world_size"] == 2 and "train/img_per_s" in run.data.metrics
     assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)  # CPU and memory
     names = {a.path for a in client(server).list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "metrics.jsonl", "plots", "checkpoints"} <= names
+    assert {"config.yaml", "metrics.jsonl", "per_class.csv", "confusion_matrix.csv", "plots", "checkpoints"} <= names
     plots = {a.path for a in client(server).list_artifacts(run.info.run_id, "plots")}
-    assert plots == {"plots/loss_accuracy.png", "plots/lr_schedule.png"}
+    assert plots == {"plots/loss_accuracy.png", "plots/lr_schedule.png", "plots/confusion_matrix.png"}
+    per_class = (tmp_path / "tracked" / "per_class.csv").read_text().splitlines()
+    assert per_class[0] == "class,name,images,top1" and per_class[1].startswith("bag,Bag,5,") and len(per_class) == 11
+    assert "worst classes by val top-1: " in out.stdout
     best = {a.path for a in client(server).list_artifacts(run.info.run_id, "checkpoints/best")}
     assert "checkpoints/best/state.pt" in best
 

@@ -49,9 +49,13 @@ def test_checkpoint_evaluates_outside_ray_as_reported(learned):
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     last = _history(run)[-1]
-    assert result["images"] == 200 and result["epoch"] == 6
+    assert result["images"] == 200 and result["epoch"] == 6 and result["image_size"] == 32
     assert abs(result["top1"] - last["val/top1"]) <= 0.5  # at most one of 200 images flips on float noise
     assert result["loss"] == pytest.approx(last["val/loss"], rel=1e-3)
+    named = launch("evaluate", "--checkpoint", latest, "--device", "cpu", "--per-class", run / "eval_per_class.csv")
+    assert re.search(r"^worst classes: (\S[^%]*) \d+\.\d%, ", named.stdout, re.M), named.stdout  # readable names
+    rows = (run / "eval_per_class.csv").read_text().splitlines()
+    assert rows[0] == "class,name,images,top1" and "tshirt,T-shirt/top,20," in (run / "eval_per_class.csv").read_text()
 
 
 def _wait_for(predicate, proc, timeout=300):

@@ -21,6 +21,7 @@ from torch import nn
 from rn50_ray.core import checkpoint as ckpt
 from rn50_ray.core.batching import BatchPlan, peak_lr
 from rn50_ray.core.context import TrainContext, jsonl
+from rn50_ray.core.per_class import CONFUSION_FILE, PER_CLASS_FILE, matrix_to_csv, per_class_rows, rows_to_csv, worst
 from rn50_ray.core.resolution import ResolutionSchedule
 from rn50_ray.core.step import Precision, eval_step
 from rn50_ray.core.trainer import Trainer
@@ -29,19 +30,27 @@ from rn50_ray.errors import UserError
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches, num_classes: int, precision: Precision, device: torch.device, flip_tta: bool = False
-) -> dict[str, float]:
+    model: nn.Module,
+    batches,
+    num_classes: int,
+    precision: Precision,
+    device: torch.device,
+    flip_tta: bool = False,
+    confusion: bool = False,
+) -> dict[str, Any]:
     """Top-1, top-5 (in %) and loss over this rank's batches, summed over all ranks by torchmetrics. With
-    `flip_tta`, on the mean of the logits of each image and its mirror image."""
+    `flip_tta`, on the mean of the logits of each image and its mirror image; with `confusion`, also the
+    confusion matrix (rows: true class, columns: predicted), as lists."""
     # Imported here: torchmetrics costs about a second at import, in every worker's startup.
     from torchmetrics import MeanMetric
-    from torchmetrics.classification import MulticlassAccuracy
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
     was_training = model.training
     model.eval()
     top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro").to(device)
     top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro").to(device)
     loss = MeanMetric().to(device)
+    matrix = MulticlassConfusionMatrix(num_classes).to(device) if confusion else None
     for images, labels in batches:
         logits = eval_step(model, images, precision)
         if flip_tta:
@@ -49,8 +58,17 @@ def evaluate(
         top1.update(logits, labels)
         top5.update(logits, labels)
         loss.update(F.cross_entropy(logits, labels), weight=labels.numel())
+        if matrix is not None:
+            matrix.update(logits, labels)
     model.train(was_training)
-    return {"top1": 100 * top1.compute().item(), "top5": 100 * top5.compute().item(), "loss": loss.compute().item()}
+    result: dict[str, Any] = {
+        "top1": 100 * top1.compute().item(),
+        "top5": 100 * top5.compute().item(),
+        "loss": loss.compute().item(),
+    }
+    if matrix is not None:
+        result["confusion"] = matrix.compute().tolist()
+    return result
 
 
 def sync_device(device: torch.device) -> None:
@@ -230,9 +248,16 @@ def fit(cfg, ctx: TrainContext, loaders, plan: BatchPlan) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     epochs_this_run = 0
     while progress.epoch < cfg.schedule.epochs:
-        size = sizes.at(progress.epoch)
+        size, last = sizes.at(progress.epoch), progress.epoch + 1 == cfg.schedule.epochs
         stats = train_epoch(cfg, ctx, trainer, model, _FirstStepClock(train, device, first_step_unix), cadence)
-        val = evaluate(model, loaders.val.batches(), loaders.num_classes, trainer.precision, device, cfg.eval.flip_tta)
+        val = evaluate(model, loaders.val.batches(), loaders.num_classes, trainer.precision, device, cfg.eval.flip_tta, last)
+        if last:  # which classes are bad, by name: into the run folder, and from there MLflow
+            matrix = val.pop("confusion")
+            if ctx.world_rank == 0:
+                rows = per_class_rows(matrix, loaders.classes, loaders.class_names)
+                ctx.write_text(PER_CLASS_FILE, rows_to_csv(rows))
+                ctx.write_text(CONFUSION_FILE, matrix_to_csv(matrix))
+                ctx.log(f"worst classes by val top-1: {worst(rows)}")
         record = epoch_record(trainer, ctx, stats, val, size)
         if trainer.ema is not None:
             ema = evaluate(

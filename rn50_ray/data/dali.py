@@ -49,7 +49,7 @@ def _bad_file_errors(split: Split) -> Iterator[None]:
         found = _FAILED_FILE.search(text) or _SOURCE_FILE.search(text)
         if found:
             raise DataError(f"{found.group(1)}: cannot decode image (DALI); remove it or pass --skip-bad-images") from None
-        bad = find_bad_images(p for p, _ in split.samples)  # DALI did not say which: look (on failure only)
+        bad = find_bad_images((p for p, _ in split.samples), dali=True)  # DALI did not say which: look (on failure only)
         if bad:
             raise bad_image_error(bad) from None
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]

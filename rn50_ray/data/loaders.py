@@ -7,33 +7,15 @@ float tensors (channels_last when asked) with int64 labels.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Collection
-
-import torch
 
 from rn50_ray.core.batching import BatchPlan
 from rn50_ray.core.resolution import ResolutionSchedule
 from rn50_ray.data.audit import open_sample_log
+from rn50_ray.data.backends import resolve_backend
 from rn50_ray.data.folder import check_batch_fits, check_dataset
 from rn50_ray.data.types import Loaders, Shard
 from rn50_ray.errors import ConfigError
-
-
-def dali_available() -> bool:
-    try:
-        return importlib.util.find_spec("nvidia.dali") is not None
-    except ModuleNotFoundError:
-        return False
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """`auto` is DALI where it is installed (decoding on the GPU when workers have one), else pytorch."""
-    if backend != "auto":
-        return backend
-    if not dali_available():
-        return "pytorch"
-    return "dali-gpu" if device.type == "cuda" else "dali-cpu"
 
 
 def make_loaders(
@@ -49,7 +31,7 @@ def make_loaders(
 ) -> Loaders:
     """`bad_files` (from `screen.find_bad_images` on the driver) are left out of both splits; `resolution`
     is the `resolution` config section (progressive resizing), or None for data.image_size throughout."""
-    backend = resolve_backend(data_cfg.backend, shard.device)
+    backend = resolve_backend(data_cfg.backend, shard.device.type)
     sizes = (
         ResolutionSchedule.from_config(data_cfg.image_size, resolution) if resolution else ResolutionSchedule(data_cfg.image_size)
     )
@@ -61,7 +43,7 @@ def make_loaders(
         loaders = make_synthetic_loaders(
             data_cfg, shard, plan, seed=seed, channels_last=channels_last, size_at=sizes.at, val_batch=val_batch
         )
-        loaders.backend = backend
+        loaders.backend, loaders.classes = backend, tuple(str(i) for i in range(loaders.num_classes))
         return loaders
     train, val = check_dataset(data_cfg.path)
     if bad_files:
@@ -82,7 +64,7 @@ def make_loaders(
         from rn50_ray.data.pytorch import make_pytorch_loaders
 
         loaders = make_pytorch_loaders(data_cfg, shard, plan, train, val, **common)
-    loaders.backend = backend
+    loaders.backend, loaders.classes, loaders.class_names = backend, train.classes, train.names
     loaders.excluded = train.excluded + val.excluded
     loaders.notes = [
         f"data: {backend} backend, {len(train)} train / {len(val)} val images, {len(train.classes)} classes, "

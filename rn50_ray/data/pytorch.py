@@ -9,6 +9,7 @@ the device, as NVIDIA's loader does.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -26,11 +27,21 @@ from rn50_ray.errors import DataError
 
 
 def decode_rgb(path: str) -> Image.Image:
-    """Any PIL-readable image as RGB (grayscale, CMYK and palette images included)."""
+    """Any PIL-readable image as RGB (grayscale, CMYK and palette images included). An image over PIL's
+    decompression-bomb limit is an error, as the driver's screen says, not a warning."""
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.convert("RGB")
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as e:
         raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e}); remove it or pass --skip-bad-images") from None
 
 

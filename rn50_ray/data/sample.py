@@ -7,6 +7,7 @@ from 28 px to the chosen size and saved as RGB JPEGs under train/<class>/ and va
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import struct
@@ -15,10 +16,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from rn50_ray.data.folder import CLASS_NAMES_FILE
 from rn50_ray.errors import DataError
 
 DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"
 CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+# Fashion-MNIST's own class names, written as classes.json (as prepare-imagenet writes ImageNet's)
+NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 INSTALL_HINT = "install it with: apt-get update && apt-get install -y dataset-fashion-mnist"
 
 
@@ -82,6 +86,7 @@ def prepare_sample(
         for i in _pick(labels, per_class, seed):
             img = Image.fromarray(images[i], mode="L").resize((size, size), Image.BILINEAR).convert("RGB")
             img.save(tmp / split / CLASSES[labels[i]] / f"{split}_{i:05d}.JPEG", quality=quality)
+    (tmp / CLASS_NAMES_FILE).write_text(json.dumps(dict(zip(CLASSES, NAMES, strict=True)), indent=1))
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         out.rmdir()

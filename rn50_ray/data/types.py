@@ -44,3 +44,5 @@ class Loaders:
     notes: list[str] = field(default_factory=list)  # lines for the log
     excluded: int = 0  # undecodable files left out before training (--skip-bad-images)
     backend: str = ""  # the resolved backend
+    classes: tuple[str, ...] = ()  # class folder names, by label
+    class_names: dict[str, str] = field(default_factory=dict)  # folder -> readable name (the data's classes.json)

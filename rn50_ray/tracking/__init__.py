@@ -180,7 +180,7 @@ def log_results(tracked: TrackedRun, cfg: Config, files: dict[str, str], history
         for name, text in files.items():
             (Path(tmp) / name).write_text(text)
             client.log_artifact(tracked.run_id, str(Path(tmp) / name))
-        for path in artifacts.plots(cfg, history, Path(tmp) / "plots"):
+        for path in artifacts.plots(cfg, history, Path(tmp) / "plots", files):
             client.log_artifact(tracked.run_id, str(path), "plots")
     if best and (cfg.tracking.log_checkpoint or cfg.tracking.log_model):
         with run_folder.local_copy(best) as local:
@@ -191,10 +191,17 @@ def log_results(tracked: TrackedRun, cfg: Config, files: dict[str, str], history
 
 
 def log_run_folder(cfg: Config, tracked: TrackedRun, run: str, best: str | None) -> None:
-    """The run folder's config and epoch records, their plots, and (given `best`) the checkpoint and model."""
+    """The run folder's config, epoch records and per-class val top-1, their plots (the confusion matrix's too),
+    and (given `best`) the checkpoint and model."""
+    from rn50_ray.core.per_class import CONFUSION_FILE, PER_CLASS_FILE
+
     text = run_folder.read_file(run, "metrics.jsonl") or ""
     history = [json.loads(line) for line in text.splitlines()]
-    log_results(tracked, cfg, {"config.yaml": cfg.to_yaml(), "metrics.jsonl": text}, history, best)
+    files = {"config.yaml": cfg.to_yaml(), "metrics.jsonl": text}
+    for name in (PER_CLASS_FILE, CONFUSION_FILE):
+        if found := run_folder.read_file(run, name):
+            files[name] = found
+    log_results(tracked, cfg, files, history, best)
 
 
 def delete_run(tracked: TrackedRun) -> None:

@@ -27,8 +27,9 @@ def lr_curve(cfg: Config, steps_per_epoch: int) -> list[float]:
     return lrs
 
 
-def plots(cfg: Config, history: list[dict[str, Any]], out: Path) -> list[Path]:
-    """Loss and accuracy per epoch, and the LR schedule, as PNGs."""
+def plots(cfg: Config, history: list[dict[str, Any]], out: Path, files: dict[str, str] | None = None) -> list[Path]:
+    """Loss and accuracy per epoch, the LR schedule and, where the run folder has it, the val confusion matrix,
+    as PNGs."""
     if not history:
         return []
     import matplotlib
@@ -63,7 +64,37 @@ def plots(cfg: Config, history: list[dict[str, Any]], out: Path) -> list[Path]:
     schedule = out / "lr_schedule.png"
     fig.savefig(schedule, dpi=100)
     plt.close(fig)
-    return [curves, schedule]
+    from rn50_ray.core.per_class import CONFUSION_FILE, PER_CLASS_FILE, matrix_from_csv, rows_from_csv
+
+    if not files or CONFUSION_FILE not in files:
+        return [curves, schedule]
+    return [curves, schedule, confusion_plot(matrix_from_csv(files[CONFUSION_FILE]), rows_from_csv(files[PER_CLASS_FILE]), out)]
+
+
+def confusion_plot(matrix: list[list[int]], rows: list[dict[str, Any]], out: Path) -> Path:
+    """The val confusion matrix as a heat map of row shares (rows: true class), on a log scale; class names on
+    the axes where there are few enough to read."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    counts = np.asarray(matrix, dtype=float)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    n = len(matrix)
+    fig, ax = plt.subplots(figsize=(min(4 + n * 0.35, 14), min(3.5 + n * 0.35, 13)))
+    image = ax.imshow(np.where(shares > 0, shares, np.nan), norm=LogNorm(vmin=max(shares[shares > 0].min(), 1e-4), vmax=1),
+                      cmap="viridis", interpolation="nearest")  # fmt: skip
+    if n <= 40:
+        names = [r["name"] for r in rows]
+        ax.set_xticks(range(n), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), names, fontsize=7)
+    ax.set(xlabel="predicted", ylabel="true class", title="Val confusion matrix (share of each true class)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    path = out / "confusion_matrix.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def log_model(tracked, cfg: Config, checkpoint: str) -> None:
