@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""rn50-ray entry point: `python launch.py {train,evaluate,prepare-sample,bench} ...`.
+"""rn50-ray entry point: `python launch.py {train,tune,evaluate,bench,ui,prepare-sample,prepare-imagenet} ...`.
 
 `ray submit` copies only this file to the head node and runs it from the home folder, so it
 imports an installed rn50_ray, or the one in the folder beside this file.

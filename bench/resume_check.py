@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rn50_ray.config import load_config
 from rn50_ray.core.batching import plan_batches
 from rn50_ray.core.context import LocalContext
-from rn50_ray.core.loop import evaluate, fit
+from rn50_ray.core.evaluation import evaluate
+from rn50_ray.core.loop import fit
 from rn50_ray.core.trainer import input_format
 from rn50_ray.data.loaders import make_loaders
 from rn50_ray.data.types import Shard

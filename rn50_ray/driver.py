@@ -212,4 +212,6 @@ def run_training(cfg: Config, *, callbacks: list | None = None, bad_files: list[
     if tracked:
         tracking.log_run_folder(cfg, tracked, uri, summary["best_checkpoint"] or summary["checkpoint"])
         summary["mlflow"] = f"run {tracked.run_id} at {tracked.uri}"
+        if tracked.uri.startswith(("http://", "https://")):
+            summary["mlflow_url"] = tracking.ui_url(tracked.uri, tracked.experiment_id, tracked.run_id)
     return summary

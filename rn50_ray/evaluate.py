@@ -11,7 +11,7 @@ from rn50_ray import run_folder
 from rn50_ray.config import Config
 from rn50_ray.core.batching import plan_batches
 from rn50_ray.core.checkpoint import load_checkpoint
-from rn50_ray.core.loop import evaluate
+from rn50_ray.core.evaluation import evaluate
 from rn50_ray.core.model import build_model, model_kwargs
 from rn50_ray.core.per_class import per_class_rows
 from rn50_ray.core.recipe import WeightEMA

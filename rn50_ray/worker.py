@@ -115,8 +115,8 @@ def _quiet_report_log() -> None:
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
-    # Imported here, not at the top: the driver never trains, and torchvision (with torch._dynamo) costs
-    # it over a second of startup before Ray even starts the workers.
+    # Imported here, not at the top: the driver never trains, and torchvision (with torch._dynamo) would
+    # add to its startup before Ray even starts the workers (docs/PERFORMANCE.md, "framework overhead").
     from rn50_ray.core.batching import plan_batches
     from rn50_ray.core.loop import fit
     from rn50_ray.core.trainer import input_format

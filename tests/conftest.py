@@ -91,8 +91,8 @@ def launch_cmd(*args: str) -> list[str]:
     return [sys.executable, str(ROOT / "launch.py"), *map(str, args)]
 
 
-def launch(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def launch(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**(env or os.environ), "PYTHONUNBUFFERED": "1"}
     return subprocess.run(launch_cmd(*args), cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -159,5 +159,57 @@ def server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, temporary artifact root) for the session."""
     s = MlflowServer(tmp_path_factory.mktemp("mlflow"))
     s.start()
+    yield s
+    s.stop()
+
+
+class S3Server:
+    """moto's S3 server on 127.0.0.1: a real S3 protocol peer for --storage s3://, with the bucket `rn50`."""
+
+    def __init__(self, root: Path):
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        log = open(root / "moto.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                requests.get(self.endpoint, timeout=2)
+                break
+            except requests.RequestException:
+                time.sleep(0.3)
+        self._client().create_bucket(Bucket="rn50")
+
+    def client_kwargs(self) -> dict:
+        return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
+
+    def uri(self, path: str) -> str:
+        """The URI form: the endpoint in pyarrow's query parameters."""
+        return f"s3://rn50/{path}?endpoint_override=127.0.0.1:{self.port}&scheme=http&region=us-east-1"
+
+    def env(self, with_endpoint: bool = False) -> dict[str, str]:
+        """Credentials for every process; with `with_endpoint`, the environment form of the endpoint too."""
+        credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        return {**os.environ, **credentials, **({"AWS_ENDPOINT_URL": self.endpoint} if with_endpoint else {})}
+
+    def keys(self, prefix: str) -> list[str]:
+        import boto3
+
+        listed = boto3.client("s3", endpoint_url=self.endpoint, **self.client_kwargs()).list_objects_v2(
+            Bucket="rn50", Prefix=prefix
+        )
+        return [o["Key"] for o in listed.get("Contents", [])]
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    s = S3Server(tmp_path_factory.mktemp("s3"))
     yield s
     s.stop()

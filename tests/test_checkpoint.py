@@ -16,12 +16,13 @@ from rn50_ray.core.checkpoint import (
     ORPHAN_AGE_S,
     STATE_FILE,
     load_checkpoint,
+    load_first_readable,
     remove_orphaned_staging,
     save_checkpoint,
     staging_dir,
 )
 from rn50_ray.core.context import LocalContext
-from rn50_ray.core.loop import _load_first_readable, fit
+from rn50_ray.core.loop import fit
 from rn50_ray.core.trainer import Trainer
 from rn50_ray.data.loaders import make_loaders
 from rn50_ray.data.types import Shard
@@ -168,7 +169,7 @@ def test_resume_loads_checkpoints_onto_the_cpu_whatever_the_device(tiny_data, tm
     # torch.set_rng_state takes CPU ByteTensors only, so every resume on a GPU crashed.
     _, ctx = _run(tiny_data, tmp_path / "run", **{"run.stop_after_epochs": 1})
     saved = load_checkpoint(ctx.latest_checkpoint())
-    state, path, stack = _load_first_readable(_OnDevice(tmp_path / "run", "meta"), ctx.latest_checkpoint())
+    state, path, stack = load_first_readable(_OnDevice(tmp_path / "run", "meta"), ctx.latest_checkpoint())
     with stack:
         assert path == ctx.latest_checkpoint()
         assert {t.device.type for t in (state["rng"]["torch"], state["model"]["fc.weight"])} == {"cpu"}

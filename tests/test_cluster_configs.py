@@ -34,9 +34,21 @@ def test_cluster_launcher_configs_pass_rays_validator(path: Path):
     mounts = cfg["file_mounts"]
     assert "." in mounts.values()  # the project goes to every node
     assert any("pip install" in c and "-e" in c for c in cfg["setup_commands"])  # installed: launch.py finds it
+    assert "-e RAY_AUTH_MODE=token" in docker["run_options"] and "~/.ray/auth_token" in mounts.values()
+    assert any("export RAY_AUTH_MODE=token" in c and ".bashrc" in c for c in cfg["setup_commands"])  # every shell
+    assert cfg["rsync_filter"] == [".gitignore"]  # no .venv, runs/ or mlruns/ to every node
     head = " ".join(cfg["head_start_ray_commands"])
-    assert "RAY_AUTH_MODE=token" in head and "~/.ray/auth_token" in mounts.values()
-    assert "mlflow server --host" in head and "0.0.0.0 --port 5000" not in head  # bound to a private address
+    assert "rn50_ray.tracking.server start --host" in head and "0.0.0.0 --port 5000" not in head  # a private address
+    assert ":6379" in head.split("rn50_ray.tracking.server", 1)[1]  # the server ends with the Ray head
+    for command in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
+        assert "ulimit -n 65536" not in command  # never above the hard limit: the start prints no error
+
+
+def test_dgx_starts_every_fixed_machine():
+    raw = yaml.safe_load((CLUSTER / "dgx.yaml").read_text())
+    assert raw["min_workers"] == raw["max_workers"] == len(raw["provider"]["worker_ips"]) == 3  # nothing on demand
+    node = _validate(raw)["available_node_types"]["local.cluster.node"]  # the launcher's one node type for them
+    assert node["min_workers"] == node["max_workers"] == 3
 
 
 def test_aws_configs_autoscale_gpu_workers_from_zero():
@@ -71,6 +83,10 @@ def test_kuberay_manifests_have_autoscaling_gpu_workers_and_the_train_entrypoint
         (container,) = gpu["template"]["spec"]["containers"]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
         assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        for c in (container, head):  # token auth in every container, the token from a Secret
+            env = {e["name"]: e for e in c["env"]}
+            assert env["RAY_AUTH_MODE"]["value"] == "token" and env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
     assert job["spec"]["entrypoint"].startswith("python launch.py train ") and "--workers 8:64" in job["spec"]["entrypoint"]
     assert job["spec"]["shutdownAfterJobFinishes"] is True
 

@@ -13,7 +13,7 @@ def test_defaults_are_nvidia_recipe():
 
 @pytest.mark.parametrize("recipe, epochs, mixup", [("rn50_50e", 50, 0.0), ("rn50_90e", 90, 0.0), ("rn50_250e", 250, 0.2)])
 def test_recipes(recipe, epochs, mixup):
-    from rn50_ray.cli import RECIPES
+    from rn50_ray.flags import RECIPES
 
     cfg = load_config([str(RECIPES / f"{recipe}.yaml")])
     assert (cfg.schedule.epochs, cfg.optim.mixup_alpha, cfg.batch.global_size) == (epochs, mixup, 2048)
@@ -90,7 +90,8 @@ def test_every_option_with_fixed_choices_lists_them_in_help(capsys):
 
 def test_a_recipes_warmup_shrinks_with_fewer_epochs_and_says_so(capsys, tmp_path):
     # cpu_demo warms up 1 of 6 epochs; --epochs 1 would leave no room: it is scaled, and one line says so.
-    from rn50_ray.cli import build_parser, config_from_args
+    from rn50_ray.cli import build_parser
+    from rn50_ray.flags import config_from_args
 
     cfg = config_from_args(build_parser().parse_args(["train", "--recipe", "cpu_demo", "--epochs", "1"]))
     assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs) == (1, 0.167)
@@ -111,7 +112,7 @@ def test_the_version_has_one_source(capsys):
     import tomllib
 
     from rn50_ray import __version__
-    from rn50_ray.cli import RECIPES
+    from rn50_ray.flags import RECIPES
 
     pyproject = tomllib.loads((RECIPES.parent / "pyproject.toml").read_text())
     assert "version" not in pyproject["project"] and pyproject["project"]["dynamic"] == ["version"]

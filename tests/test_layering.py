@@ -19,7 +19,8 @@ ALLOWED = {
 }
 # Modules that must not import torch at all: DALI's reader processes and the CLI's light paths load them.
 TORCH_FREE = {"rn50_ray.data.order", "rn50_ray.data.dali_source", "rn50_ray.core.batching", "rn50_ray.core.resolution",
-              "rn50_ray.config", "rn50_ray.errors", "rn50_ray.dry_run", "rn50_ray.data.folder"}  # fmt: skip
+              "rn50_ray.config", "rn50_ray.errors", "rn50_ray.dry_run", "rn50_ray.data.folder", "rn50_ray.core.seeds",
+              "rn50_ray.data.backends", "rn50_ray.run_folder"}  # fmt: skip
 
 
 def _module(path: Path) -> str:

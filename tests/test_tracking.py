@@ -41,8 +41,12 @@ def test_a_training_run_logs_params_tags_metrics_artifacts_and_a_loadable_model(
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run = the_run(server, "logs-all")
-    assert f"MLflow: run {run.info.run_id} at {server.uri}" in out.stdout
+    assert (
+        f"MLflow: run {run.info.run_id} at {server.uri}: {server.uri}/#/experiments/{run.info.experiment_id}/runs/" in out.stdout
+    )
     assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
+    assert "Saving pytorch model by Pickle" not in out.stdout + out.stderr  # the model is logged as pt2
+    assert client(server).get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     params = run.data.params
     assert params["optim.lr_per_256"] == "0.15" and params["batch.global_size"] == "32" and params["scale.workers"] == "2"
     tags = run.data.tags
@@ -77,9 +81,8 @@ def test_a_training_run_logs_params_tags_metrics_artifacts_and_a_loadable_model(
         model = mlflow.pytorch.load_model(model_info.model_uri)
     finally:
         mlflow.set_tracking_uri(None)  # it also sets MLFLOW_TRACKING_URI, which later launches would inherit
-    with torch.no_grad():
-        logits = model(torch.randn(4, 3, 32, 32))
-    assert logits.shape == (4, 10)
+    with torch.no_grad():  # a dynamic batch dimension: any batch size, not the example's
+        assert model(torch.randn(4, 3, 32, 32)).shape == (4, 10) and model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     versions = client(server).search_model_versions("name = 'rn50-tiny'")
     assert len(versions) == 1 and versions[0].run_id == run.info.run_id
 
@@ -119,7 +122,9 @@ def test_an_unreachable_tracker_fails_fast_unless_optional(tiny_data, tmp_path):
     assert not any(p.name.startswith("rn50-") for p in tmp_path.iterdir())  # no run was made
 
 
-def test_ui_serves_the_embedded_store(tmp_path):
+def test_ui_serves_the_embedded_store_and_goes_whole_on_sigterm(tmp_path):
+    import psutil
+
     port = free_port()
     proc = subprocess.Popen(
         launch_cmd("ui", "--storage", tmp_path, "--port", str(port)),
@@ -128,8 +133,8 @@ def test_ui_serves_the_embedded_store(tmp_path):
     try:
         first = proc.stdout.readline()
         assert (
-            first.strip()
-            == f"MLflow UI for sqlite:///{tmp_path.resolve()}/mlflow.db at http://127.0.0.1:{port} (Ctrl-C stops it)"
+            first.strip() == f"MLflow UI for sqlite:///{tmp_path.resolve()}/mlflow.db at http://127.0.0.1:{port}/#/experiments"
+            f"?workflowType=machine_learning (Ctrl-C stops it)"
         )
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -140,21 +145,39 @@ def test_ui_serves_the_embedded_store(tmp_path):
                 time.sleep(0.5)
         else:
             pytest.fail("mlflow ui did not answer")
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        assert len(tree) >= 2  # mlflow ui and its server's workers
+        proc.send_signal(signal.SIGTERM)  # as a service manager or `kill` stops it
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(tree, timeout=20)
+        assert not alive, [p.cmdline() for p in alive]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_the_ui_in_a_real_browser_lists_the_run(server, tiny_data, tmp_path):
+def test_the_ui_in_a_real_browser_opens_the_projects_runs_in_the_training_view(server, tmp_path):
+    # MLflow 3.17's UI has a GenAI view and a model-training view. The project's experiments carry the tag the UI
+    # reads where its GenAI/Model-training switch is off, and the links the project prints carry the switch's URL
+    # parameter: both are checked, the link by opening it. The run is made through the project's tracking code.
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if not browser:
         pytest.skip("needs chromium (apt-get install chromium; .ci/run installs it)")
-    c = client(server)
-    exp = c.get_experiment_by_name("logs-all")
-    if exp is None:
-        pytest.skip("needs the run of test_a_training_run_logs_params_tags_metrics_artifacts_and_a_loadable_model")
+    import re
+
+    from rn50_ray.config import load_config, resolve
+    from rn50_ray.tracking import open_run, ui_url
+
+    cfg = resolve(load_config([], {"tracking.uri": server.uri, "tracking.experiment": "browser", "run.name": "seen-in-browser",
+                                   "run.storage": str(tmp_path)}))  # fmt: skip
+    tracked = open_run(cfg, str(tmp_path), lambda _: None, lambda *_: None)
+    assert client(server).get_experiment(tracked.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     dom = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000", "--dump-dom",
-         f"{server.uri}/#/experiments/{exp.experiment_id}/runs"],
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+         f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=25000", "--dump-dom",
+         ui_url(server.uri, tracked.experiment_id)],
         capture_output=True, text=True, timeout=180,
     ).stdout  # fmt: skip
-    assert "tracked" in dom, dom[-2000:]  # the run name, rendered by the MLflow UI's JavaScript
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+    assert "seen-in-browser" in text, text[-3000:]  # the runs table, rendered by the UI's JavaScript
+    assert "Experiments browser Runs " in text and "Training runs" not in text and "Traces 0" not in text  # not GenAI

@@ -76,21 +76,22 @@ def _step_losses(stdout: str) -> dict[tuple[int, int], float]:
     return {(int(e), int(s)): float(loss) for e, s, loss in STEP_LINE.findall(stdout)}
 
 
-def test_killed_run_resumes_mid_epoch_with_the_same_losses_and_mlflow_run(tiny_data, tmp_path, server):
-    # DALI here; the pytorch backend's exact mid-epoch resume is shown in test_checkpoint.py.
-    # 200 images / 32 per step = 6 steps an epoch; a checkpoint every 4 steps lands mid-epoch.
+def test_killed_run_resumes_mid_epoch_from_s3_with_the_same_losses_and_mlflow_run(tiny_data, tmp_path, server, s3):
+    # Checkpoints on an S3-protocol server (moto's), addressed by pyarrow's query parameters in the URI; DALI here
+    # (the pytorch backend's exact mid-epoch resume is in test_checkpoint.py). 200 images / 32 per step = 6 steps
+    # an epoch; a checkpoint every 4 steps lands mid-epoch.
     args = ("train", *FAST, "--backend", "dali-cpu", "--data", tiny_data, "--epochs", "3", "--warmup-epochs", "0.5")
-    args += ("--log-every", "1", "--checkpoint-every-steps", "4")
+    args += ("--log-every", "1", "--checkpoint-every-steps", "4", "--name", "s3run")
     reference = launch(*args, "--storage", tmp_path / "ref")
     assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
     expected = _step_losses(reference.stdout)
     assert len(expected) == 18
 
-    storage = tmp_path / "runs"
+    storage = s3.uri("runs")
+    run = s3.uri("runs/s3run")
     args += ("--storage", storage, "--mlflow-uri", server.uri, "--experiment", "killed")
-    proc = subprocess.Popen(
-        launch_cmd(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
+    proc = subprocess.Popen(launch_cmd(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**s3.env(), "PYTHONUNBUFFERED": "1"})  # fmt: skip
     for line in proc.stdout:  # steps 4 and 8 were checkpointed by the time step 10 is logged
         if "epoch 2/3 step 4/6" in line:
             break
@@ -98,9 +99,11 @@ def test_killed_run_resumes_mid_epoch_with_the_same_losses_and_mlflow_run(tiny_d
         pytest.fail("the run ended before the kill")
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started, at once
     proc.wait()
-    run = next(p for p in storage.iterdir() if p.name.startswith("rn50-"))
-    first_mlflow_run = json.loads((run / "mlflow.json").read_text())["run_id"]
-    out = launch(*args)
+    assert any("/checkpoint_epoch0001_step00000008/" in k for k in s3.keys("runs/s3run/"))  # the run lives on S3
+    from rn50_ray import run_folder
+
+    first_mlflow_run = json.loads(run_folder.read_file(run, "mlflow.json"))["run_id"]
+    out = launch(*args, env=s3.env())
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "(resuming)" in out.stdout and "resumed from" in out.stdout
     resumed = _step_losses(out.stdout.split("resumed from", 1)[1])
@@ -109,7 +112,18 @@ def test_killed_run_resumes_mid_epoch_with_the_same_losses_and_mlflow_run(tiny_d
     assert len(resumed) == 18 - ((first[0] - 1) * 6 + first[1] - 1)  # every remaining step ran once
     for key, loss in resumed.items():  # fp32 on CPU: the same batches and weights give the same loss
         assert loss == pytest.approx(expected[key], abs=2e-4), key
-    assert [h["step"] for h in _history(run)] == [6, 12, 18]
+    history = [json.loads(line) for line in run_folder.read_file(run, "metrics.jsonl").splitlines()]
+    assert [h["step"] for h in history] == [6, 12, 18]
+    assert f"latest checkpoint: {run_folder.join(storage, 's3run', 'checkpoint_epoch0003_step00000018')}" in out.stdout
+    assert "tracking: an MLflow store cannot live on" not in out.stdout  # a tracking server was given
+
+    # The best checkpoint's URI, as the summary prints it, evaluates outside Ray to the top-1 the run reported.
+    best = re.search(r"^best checkpoint: (\S+) \(val top1 ([\d.]+)%\)$", out.stdout, re.M)
+    assert best and best[1].startswith("s3://rn50/runs/s3run/best_epoch") and best[1].endswith("&region=us-east-1"), out.stdout
+    evaluated = launch("evaluate", "--checkpoint", best[1], "--json", "--device", "cpu", env=s3.env())
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    best_epoch = max(history, key=lambda h: (h["val/top1"], -h["epoch"]))
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["top1"] == pytest.approx(best_epoch["val/top1"], abs=0.5)
 
     # The same MLflow run continues, and its history holds every step once.
     from mlflow import MlflowClient

@@ -1,6 +1,7 @@
 """`launch.py tune` on a real local Ray: trials are Ray Train runs on the CPU sample, tracked in MLflow."""
 
 import csv
+import io
 import signal
 from pathlib import Path
 
@@ -30,8 +31,12 @@ def test_asha_search_stops_weak_trials_and_names_the_best(tiny_data, tmp_path):
         params={"optim.lr_per_256": {"grid": [0.05, 0.1, 1.5, 2.0]}},
         scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 3},
     )  # fmt: skip
-    out = launch("tune", "--space", path, *FAST, "--data", tiny_data, "--storage", tmp_path / "runs", "--name", "asha")
+    elsewhere = tmp_path / "elsewhere"  # the command's working directory: nothing of the search may land here
+    elsewhere.mkdir()
+    args = ("tune", "--space", path, *FAST, "--data", tiny_data, "--storage", tmp_path / "runs", "--name", "asha")
+    out = launch(*args, cwd=elsewhere)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert list(elsewhere.iterdir()) == []  # no ./mlruns: the artifacts are under --storage
     search = tmp_path / "runs" / "asha"
     rows = list(csv.DictReader((search / "results.csv").open()))
     assert len(rows) == 4 and all(r["status"] in ("FINISHED", "STOPPED") for r in rows), rows
@@ -61,6 +66,22 @@ def test_asha_search_stops_weak_trials_and_names_the_best(tiny_data, tmp_path):
     # max_concurrent_trials: 2 holds: no moment has three child runs open at once.
     spans = [(c.info.start_time, c.info.end_time) for c in children]
     assert all(sum(s <= t < e for s, e in spans) <= 2 for t, _ in spans), spans
+    # Artifacts in proportion: the best trial's model, and the other trials' checkpoints as URIs, not copies.
+    assert store.get_experiment_by_name("rn50-ray").tags["mlflow.experimentKind"] == "custom_model_development"
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    try:
+        models = mlflow.search_logged_models(experiment_ids=[parents[0].info.experiment_id], output_format="list")
+    finally:
+        mlflow.set_tracking_uri(None)
+    best_run = next(c for c in children if c.info.run_name == f"trial_{rows[0]['trial']}")
+    assert [m.source_run_id for m in models] == [best_run.info.run_id]
+    for c in children:
+        assert "checkpoints" not in {a.path for a in store.list_artifacts(c.info.run_id)}
+    assert best_run.data.tags["rn50.best_checkpoint"].startswith(str(search / "trials"))
+    artifacts = sum(f.stat().st_size for f in (tmp_path / "runs" / "mlartifacts").rglob("*") if f.is_file())
+    assert artifacts < 0.3 * 811e6, artifacts  # one model (about 100 MB), plots and tables
 
 
 def test_a_trial_bigger_than_the_cluster_fails_before_any_trial(tiny_data, tmp_path):
@@ -140,15 +161,23 @@ def test_an_optuna_search_interrupted_and_resumed_runs_each_trial_once(tiny_data
     assert sorted(r.info.run_name for r in found if r not in parents) == sorted(f"trial_{r['trial']}" for r in rows)
 
 
-def test_a_failing_trial_is_retried_and_never_stops_the_search(tiny_data, tmp_path):
+def test_a_failing_trial_is_retried_and_never_stops_the_search_on_s3(tiny_data, tmp_path, s3):
+    # Two trials on an S3-protocol server (moto's), its endpoint given the environment's way (AWS_ENDPOINT_URL).
     path = smoke_space(
         tmp_path, 1, search="grid", num_samples=1, scheduler="fifo", max_trial_failures=1,
         params={"batch.per_worker": {"grid": [0, 16]}},  # 0 fails in the trial, when its config is built
     )  # fmt: skip
-    out = launch("tune", "--space", path, *FAST, "--data", tiny_data, "--storage", tmp_path / "runs", "--name", "f")
+    args = ("tune", "--space", path, *FAST, "--data", tiny_data, "--storage", "s3://rn50/tune", "--name", "f")
+    out = launch(*args, env=s3.env(with_endpoint=True), cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    rows = {r["batch.per_worker"]: r for r in csv.DictReader((tmp_path / "runs" / "f" / "results.csv").open())}
+    rows = {r["batch.per_worker"]: r for r in csv.DictReader(io.StringIO(s3.read("tune/f/results.csv")))}
     assert rows["16"]["status"] == "FINISHED" and rows["0"]["status"] == "ERROR", rows
     failed = rows["0"]["trial"]
     assert out.stdout.count(f"Trial train_trial_{failed} errored") == 2  # the first try and one retry
     assert "1 trial(s) failed; see the table" in out.stdout
+    keys = s3.keys("tune/f/")
+    assert any(k.startswith(f"tune/f/trials/trial_{rows['16']['trial']}/checkpoint_") for k in keys), keys[:20]
+    assert (
+        f"tracking: an MLflow store cannot live on s3://rn50/tune; this run's is sqlite:///{tmp_path}/runs/mlflow.db"
+        in out.stdout
+    )

@@ -14,6 +14,8 @@ stay the CPU ByteTensors torch.set_rng_state requires.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import posixpath
 import random
@@ -42,14 +44,15 @@ def checkpoint_name(epoch: int, step: int) -> str:
 
 
 def step_of(path: str) -> int:
-    """The optimizer step in a checkpoint folder's name (…/checkpoint_epoch0002_step00000012 -> 12)."""
-    match = _STEP.search(path.rstrip("/"))
+    """The optimizer step in a checkpoint folder's name (…/checkpoint_epoch0002_step00000012 -> 12), also in a
+    storage URI with a query (s3://…/checkpoint_…?endpoint_override=…)."""
+    match = _STEP.search(path.partition("?")[0].rstrip("/"))
     return int(match[1]) if match else 0
 
 
 def run_name_of(path: str) -> str:
-    """The run folder's name of a checkpoint path (…/trial_x/checkpoint_… -> trial_x)."""
-    return posixpath.basename(posixpath.dirname(path.rstrip("/")))
+    """The run folder's name of a checkpoint path or URI (…/trial_x/checkpoint_… -> trial_x)."""
+    return posixpath.basename(posixpath.dirname(path.partition("?")[0].rstrip("/")))
 
 
 @dataclass
@@ -123,6 +126,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "model" not in state:
         raise UserError(f"{file}: not an rn50-ray checkpoint (format_version {FORMAT_VERSION} expected)")
     return state
+
+
+def load_first_readable(ctx, resume: str) -> tuple[dict[str, Any], str, contextlib.ExitStack]:
+    """(state, path, the stack holding it open): the newest checkpoint that loads, from `resume` then
+    `ctx.older_checkpoints()` (a TrainContext). Writes are atomic, but storage can still lose or cut a file;
+    an unreadable newest checkpoint falls back to the one before, and says so."""
+    stack = contextlib.ExitStack()
+    for candidate in itertools.chain([contextlib.nullcontext(resume)], ctx.older_checkpoints()):
+        path = stack.enter_context(candidate)
+        try:
+            return load_checkpoint(path), path, stack
+        except UserError as e:
+            ctx.log(f"checkpoint unreadable, trying the one before: {e}")
+    stack.close()
+    raise UserError(f"no readable checkpoint for this run (the newest is {resume}); pass a new --name to start over")
 
 
 def staging_dir() -> tempfile.TemporaryDirectory:

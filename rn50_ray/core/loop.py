@@ -6,69 +6,24 @@ intervals, preemption and mid-epoch checkpoints are `train_epoch`'s; the epoch r
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from rn50_ray.core import checkpoint as ckpt
 from rn50_ray.core.batching import BatchPlan, peak_lr
 from rn50_ray.core.context import TrainContext, jsonl
+from rn50_ray.core.evaluation import evaluate
 from rn50_ray.core.per_class import CONFUSION_FILE, PER_CLASS_FILE, matrix_to_csv, per_class_rows, rows_to_csv, worst
 from rn50_ray.core.resolution import ResolutionSchedule
-from rn50_ray.core.step import Precision, eval_step
+from rn50_ray.core.seeds import seed_for
 from rn50_ray.core.trainer import Trainer
-from rn50_ray.errors import UserError
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    batches,
-    num_classes: int,
-    precision: Precision,
-    device: torch.device,
-    flip_tta: bool = False,
-    confusion: bool = False,
-) -> dict[str, Any]:
-    """Top-1, top-5 (in %) and loss over this rank's batches, summed over all ranks by torchmetrics. With
-    `flip_tta`, on the mean of the logits of each image and its mirror image; with `confusion`, also the
-    confusion matrix (rows: true class, columns: predicted), as lists."""
-    # Imported here: torchmetrics costs about a second at import, in every worker's startup.
-    from torchmetrics import MeanMetric
-    from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
-
-    was_training = model.training
-    model.eval()
-    top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro").to(device)
-    top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro").to(device)
-    loss = MeanMetric().to(device)
-    matrix = MulticlassConfusionMatrix(num_classes).to(device) if confusion else None
-    for images, labels in batches:
-        logits = eval_step(model, images, precision)
-        if flip_tta:
-            logits = (logits + eval_step(model, images.flip(3), precision)) / 2
-        top1.update(logits, labels)
-        top5.update(logits, labels)
-        loss.update(F.cross_entropy(logits, labels), weight=labels.numel())
-        if matrix is not None:
-            matrix.update(logits, labels)
-    model.train(was_training)
-    result: dict[str, Any] = {
-        "top1": 100 * top1.compute().item(),
-        "top5": 100 * top5.compute().item(),
-        "loss": loss.compute().item(),
-    }
-    if matrix is not None:
-        result["confusion"] = matrix.compute().tolist()
-    return result
 
 
 def sync_device(device: torch.device) -> None:
@@ -129,7 +84,7 @@ def train_epoch(cfg, ctx: TrainContext, trainer: Trainer, model: nn.Module, trai
             break
         images, labels = item
         if trainer.mixup is not None:
-            torch.manual_seed(cfg.system.seed * 1_000_003 + p.step * 101 + ctx.world_rank)
+            torch.manual_seed(seed_for("mixup", cfg.system.seed, p.step, ctx.world_rank))
             images, labels = trainer.mixup(images, labels)
         loss = trainer.step(model, images, labels)
         p.step += 1
@@ -324,22 +279,8 @@ def _start_tags(ctx: TrainContext, loaders, trainer: Trainer, plan: BatchPlan) -
     }
 
 
-def _load_first_readable(ctx: TrainContext, resume: str) -> tuple[dict[str, Any], str, contextlib.ExitStack]:
-    """The newest checkpoint that loads. Writes are atomic, but storage can still lose or cut a
-    file; an unreadable newest checkpoint falls back to the one before, and says so."""
-    stack = contextlib.ExitStack()
-    for candidate in itertools.chain([contextlib.nullcontext(resume)], ctx.older_checkpoints()):
-        path = stack.enter_context(candidate)
-        try:
-            return ckpt.load_checkpoint(path), path, stack
-        except UserError as e:
-            ctx.log(f"checkpoint unreadable, trying the one before: {e}")
-    stack.close()
-    raise UserError(f"no readable checkpoint for this run (the newest is {resume}); pass a new --name to start over")
-
-
 def _resume(ctx: TrainContext, trainer: Trainer, resume: str, plan: BatchPlan) -> None:
-    state, resume, stack = _load_first_readable(ctx, resume)
+    state, resume, stack = ckpt.load_first_readable(ctx, resume)
     with stack:
         trainer.load_state_dict(state, keep_hyperparameters=ctx.from_init)
     if ctx.from_init:
@@ -356,13 +297,18 @@ def _resume(ctx: TrainContext, trainer: Trainer, resume: str, plan: BatchPlan) -
 
 def report(ctx: TrainContext, trainer: Trainer, metrics: dict[str, Any], best: bool = False) -> None:
     """Every rank reports (a barrier under Ray); rank 0 writes the training state. A new best val top-1 is
-    also kept apart, as `best_<name>`, beyond the newest-K pruning."""
+    also kept apart, as `best_<name>`, beyond the newest-K pruning. Rank 0 logs what the checkpoint cost: the
+    write to local staging, then storing it (Ray's upload to run.storage and its registration)."""
     name = ckpt.checkpoint_name(trainer.progress.epoch, trainer.progress.step)
     if ctx.world_rank != 0:
         ctx.report(metrics, None, name)
         return
+    t0 = time.perf_counter()
     with ckpt.staging_dir() as tmp:
         ckpt.save_checkpoint(tmp, trainer.state_dict(), trainer.cfg.to_yaml())
+        staged, size = time.perf_counter() - t0, sum(f.stat().st_size for f in Path(tmp).iterdir())
         if best:
             ctx.save_best(tmp, name)
         ctx.report(metrics, tmp, name)
+    stored = time.perf_counter() - t0 - staged
+    ctx.log(f"checkpoint {name}: {size / 1e6:.0f} MB, staged in {staged:.1f} s, stored in {stored:.1f} s")

@@ -31,8 +31,8 @@ def param_groups(model: nn.Module, weight_decay: float, decay_bn_and_bias: bool 
 def sgd_kernel(impl: str, device: torch.device, loss_scaling: bool) -> str:
     """The SGD kernel `optim.impl` stands for.
 
-    `auto` is fused, on CUDA and on CPU (on CPU foreach trains 8-11% slower than the plain loop and
-    fused about 4% faster, docs/PERFORMANCE.md), except under a dynamic loss scaler: torch's fused SGD writes
+    `auto` is fused, on CUDA and on CPU (on CPU, foreach is slower than the plain loop and fused faster:
+    docs/PERFORMANCE.md, "SGD kernels"), except under a dynamic loss scaler: torch's fused SGD writes
     the overflowing gradient into the momentum buffer on a step the scaler skips, and the weights blow
     up on the next one (tests/test_fast_path.py shows it). There foreach on CUDA, the loop on CPU.
     """

@@ -34,8 +34,8 @@ class Precision:
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
-    """`auto` is bf16 autocast where the GPU has bf16 (fp16 before Ampere), and fp32 on CPU,
-    where bf16 autocast without native support is 10-25x slower."""
+    """`auto` is bf16 autocast where the GPU has bf16 (fp16 before Ampere), and fp32 on CPU, where bf16
+    autocast without native support is many times slower (docs/PERFORMANCE.md, "Summary")."""
     if name == "auto":
         if device.type == "cuda":
             name = "amp-bf16" if torch.cuda.is_bf16_supported() else "amp-fp16"

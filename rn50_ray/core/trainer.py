@@ -13,6 +13,7 @@ from rn50_ray.core import recipe
 from rn50_ray.core.batching import BatchPlan, peak_lr
 from rn50_ray.core.checkpoint import Progress, rng_state, set_rng_state
 from rn50_ray.core.model import build_model, model_kwargs
+from rn50_ray.core.seeds import seed_for
 from rn50_ray.core.step import resolve_precision, train_step
 
 
@@ -38,7 +39,7 @@ class Trainer:
         self.num_classes = num_classes
         self.precision = resolve_precision(cfg.system.precision, device)
         self.channels_last = use_channels_last(cfg.model.memory_format, device)
-        torch.manual_seed(cfg.system.seed)  # the same initial weights on every rank
+        torch.manual_seed(seed_for("weights", cfg.system.seed))  # the same initial weights on every rank
         self.model = build_model(**model_kwargs(cfg.model, num_classes, self.channels_last)).to(device)
         self.scaler = self.precision.scaler(cfg.system.loss_scale)
         kernel = recipe.sgd_kernel(cfg.optim.impl, device, loss_scaling=self.scaler.is_enabled())

@@ -147,7 +147,6 @@ class DaliTrain:
             py_num_workers=self.threads,
             py_start_method="spawn",  # CUDA is up in a Ray GPU worker: fork is unsafe there
             prefetch_queue_depth=self.prefetch,
-            seed=self.seed,
             **self.kw,
         )
         with _bad_file_errors(self.split):

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from rn50_ray.core.batching import BatchPlan
+from rn50_ray.core.seeds import seed_for
 
 RATIO = (3 / 4, 4 / 3)  # aspect ratios of the random-resized crop (torchvision's and NVIDIA's)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The epoch's permutation of the n training images."""
-    return np.random.default_rng((seed, epoch)).permutation(n)
+    return np.random.default_rng(seed_for("order", seed, epoch)).permutation(n)
 
 
 def step_indices(order: np.ndarray, plan: BatchPlan, rank: int, step: int) -> np.ndarray:
@@ -44,7 +45,7 @@ class Crop:
 def random_resized_crop(seed: int, epoch: int, index: int, width: int, height: int, area_min: float) -> Crop:
     """torchvision's RandomResizedCrop window (area fraction area_min..1, aspect 3/4..4/3, ten tries, then
     a centre crop) and a coin-flip mirror, drawn from a generator seeded by (seed, epoch, index)."""
-    rng = np.random.default_rng((seed, epoch, index))
+    rng = np.random.default_rng(seed_for("crop", seed, epoch, index))
     flip = bool(rng.integers(2))
     area = width * height
     log_ratio = (math.log(RATIO[0]), math.log(RATIO[1]))

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from rn50_ray.core.batching import BatchPlan
+from rn50_ray.core.seeds import seed_for
 from rn50_ray.data.types import Batch, Loaders, Shard
 
 SYNTHETIC_CLASSES = 1000
@@ -51,7 +52,7 @@ def make_synthetic_loaders(
     share = plan.share(shard.rank)
 
     def make(size: int) -> Batch:
-        g = torch.Generator().manual_seed(seed * 7919 + shard.rank)
+        g = torch.Generator().manual_seed(seed_for("synthetic", seed, shard.rank))
         images = torch.randn(share, 3, size, size, generator=g).to(shard.device)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

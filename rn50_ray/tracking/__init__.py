@@ -40,11 +40,14 @@ def embedded_store(storage: str) -> tuple[str, str]:
 
 
 def resolve_uri(cfg: Config) -> tuple[str, str | None]:
-    """(tracking URI, artifact root for a new experiment or None for the server's default)."""
+    """(tracking URI, artifact root for a new experiment or None for the server's default). A SQLite store
+    keeps its artifacts beside it (mlartifacts/), wherever the command runs: never MLflow's ./mlruns."""
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if uri:
-        return uri, None
-    return embedded_store(cfg.run.storage)
+    if not uri:
+        return embedded_store(cfg.run.storage)
+    if uri.startswith("sqlite:///"):
+        return uri, (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return uri, None
 
 
 def unreachable(uri: str) -> str | None:
@@ -148,12 +151,7 @@ def open_run(cfg: Config, run_uri: str, read_file, write_file) -> TrackedRun | N
             return TrackedRun(uri, known["run_id"], known["experiment_id"], True)
         except Exception as e:  # deleted, or another store: start a new one, and say so
             print(f"tracking: MLflow run {known['run_id']} not found ({type(e).__name__}); starting a new one", flush=True)
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = (
-        experiment.experiment_id
-        if experiment
-        else client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_root)
-    )
+    exp_id = experiment_id(client, cfg.tracking.experiment, artifact_root)
     tags = provenance_tags(cfg, run_uri)
     if cfg.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id  # the UI nests the run under it
@@ -165,6 +163,32 @@ def open_run(cfg: Config, run_uri: str, read_file, write_file) -> TrackedRun | N
     write_file(RUN_FILE, tracked.to_json())
     print(f"tracking: MLflow run {run.info.run_id} in experiment {cfg.tracking.experiment!r} at {uri}", flush=True)
     return tracked
+
+
+# MLflow 3's UI has a GenAI view (traces, prompts) and a model-training view. It reads this tag where its
+# GenAI/Model-training switch is off; where the switch is on (3.17's default), the view comes from the switch's
+# per-browser setting (GenAI at first) or the `workflowType` URL parameter, so the links this project prints
+# carry TRAINING_VIEW.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def ui_url(server: str, experiment_id: str = "", run_id: str = "") -> str:
+    """A link into the MLflow UI at `server` (http://...), opening in the model-training view."""
+    path = "/#/experiments" + (f"/{experiment_id}" if experiment_id else "") + (f"/runs/{run_id}" if run_id else "")
+    return f"{server.rstrip('/')}{path}?{TRAINING_VIEW}"
+
+
+def experiment_id(client, name: str, artifact_root: str | None) -> str:
+    """The experiment's id, made if it does not exist yet (with its artifacts under `artifact_root`), and tagged
+    as model training either way."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=artifact_root, tags=EXPERIMENT_KIND)
+    for key, value in EXPERIMENT_KIND.items():
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def log_results(tracked: TrackedRun, cfg: Config, files: dict[str, str], history: list[dict[str, Any]], best: str | None) -> None:
@@ -182,6 +206,8 @@ def log_results(tracked: TrackedRun, cfg: Config, files: dict[str, str], history
             client.log_artifact(tracked.run_id, str(Path(tmp) / name))
         for path in artifacts.plots(cfg, history, Path(tmp) / "plots", files):
             client.log_artifact(tracked.run_id, str(path), "plots")
+    if best and not cfg.tracking.log_checkpoint:  # where it lies, instead of a copy (a search's trials)
+        client.set_tag(tracked.run_id, "rn50.best_checkpoint", best)
     if best and (cfg.tracking.log_checkpoint or cfg.tracking.log_model):
         with run_folder.local_copy(best) as local:
             if cfg.tracking.log_checkpoint:

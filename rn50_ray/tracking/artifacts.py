@@ -98,9 +98,9 @@ def confusion_plot(matrix: list[list[int]], rows: list[dict[str, Any]], out: Pat
 
 
 def log_model(tracked, cfg: Config, checkpoint: str) -> None:
-    """The checkpoint's weights as an MLflow PyTorch model, with an input example (MLflow infers the
-    signature from it), registered when tracking.register_model is set. Pickled, because MLflow's
-    default torch.export format fixes the batch size to the example's."""
+    """The checkpoint's weights as an MLflow PyTorch model in MLflow's safe `pt2` format (torch.export, no pickle),
+    with a dynamic batch dimension: the input example holds 2 images, and MLflow exports the batch dimension of the
+    signature it infers from it as dynamic. Registered when tracking.register_model is set."""
     import mlflow
     import mlflow.pytorch
 
@@ -111,8 +111,8 @@ def log_model(tracked, cfg: Config, checkpoint: str) -> None:
     model = build_model(**model_kwargs(cfg.model, state["num_classes"], channels_last=False))
     model.load_state_dict(state["model"])
     model.eval()
-    size = cfg.data.image_size
-    example = torch.zeros(1, 3, size, size).numpy()
+    size = cfg.data.val_image_size or cfg.data.image_size
+    example = torch.zeros(2, 3, size, size).numpy()  # a batch of 2: torch.export keeps a size-1 dimension static
     before = mlflow.get_tracking_uri() if os.environ.get("MLFLOW_TRACKING_URI") else None
     mlflow.set_tracking_uri(tracked.uri)  # the fluent API has no client argument; it also sets the env var
     try:
@@ -121,7 +121,7 @@ def log_model(tracked, cfg: Config, checkpoint: str) -> None:
                 model,
                 name="model",
                 input_example=example,
-                serialization_format="pickle",
+                serialization_format="pt2",
                 registered_model_name=cfg.tracking.register_model or None,
             )
     finally:

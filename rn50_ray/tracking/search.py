@@ -73,6 +73,16 @@ def _trials_plot(done: list[dict[str, Any]], metric: str, out: Path) -> Path:
     return out
 
 
+def log_model_of(cfg: Config, run: str, checkpoint: str) -> None:
+    """Log a trial's model (the search's best) into that trial's MLflow run, found through its run folder."""
+    from rn50_ray.tracking import artifacts
+
+    known = run_folder.read_file(run, tracking.RUN_FILE)
+    if known:
+        with run_folder.local_copy(checkpoint) as local:
+            artifacts.log_model(tracking.TrackedRun.from_json(known), cfg, local)
+
+
 def note_exploit(cfg: Config, params: dict[str, Any], init_from: str) -> None:
     """Record a PBT exploit on the trial's MLflow run: the new values as `hp/<key>` metrics at the step they
     start from, and tags saying what was copied."""

@@ -26,8 +26,8 @@ class CloseStoppedTrials(ray.tune.Callback):
     """Ends the MLflow runs of trials whose driver Tune killed (a scheduler's stop, a crash) before the
     trial could end it; the MLflow side is tracking.search.close_killed_trial."""
 
-    def __init__(self, setup: SearchSetup):
-        self.setup = setup
+    def __init__(self, search: SearchSetup):
+        self.search = search  # not `setup`: ray.tune.Callback has a method of that name
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._close(trial, "KILLED")
@@ -37,12 +37,12 @@ class CloseStoppedTrials(ray.tune.Callback):
 
     def _close(self, trial, status: str) -> None:
         try:
-            cfg = trial_config(self.setup, trial.config, current_segment(self.setup.trials_dir, trial.trial_id))
+            cfg = trial_config(self.search, trial.config, current_segment(self.search.trials_dir, trial.trial_id))
         except ConfigError:
             return  # its params make no valid config: it failed before it had a run
         try:
             epoch = (last_record(run_folder.run_uri(cfg)) or {}).get("epoch", 0)  # its own, not a copied result
-            search_tracking.close_killed_trial(cfg, status, epoch, self.setup.epochs)
+            search_tracking.close_killed_trial(cfg, status, epoch, self.search.epochs)
         except Exception as e:  # never the search's end; the trial's metrics are in its run folder either way
             print(f"tracking: could not close the MLflow run of trial {trial.trial_id} ({type(e).__name__}: {e})", flush=True)
 
@@ -147,7 +147,10 @@ def run_search(space: Space, cfg: Config, *, name: str, storage: str, resume: bo
     connect(cfg)
     check_cluster(space, cfg)
     parent = search_tracking.open_parent(cfg, space, name, search_dir)
-    setup = SearchSetup(cfg.to_dict(), run_folder.join(search_dir, "trials"), parent.run_id if parent else "", bad_files)
+    setup = SearchSetup(
+        cfg.to_dict(), run_folder.join(search_dir, "trials"), parent.run_id if parent else "", bad_files,
+        log_models=space.log_models, log_checkpoints=space.log_checkpoints,
+    )  # fmt: skip
     # The trial's driver takes a sliver of a CPU; Train asks for the workers.
     trainable = ray.tune.with_resources(ray.tune.with_parameters(train_trial, setup=setup), {"CPU": 0.01})
     tuner_dir = run_folder.join(search_dir, "tuner")
@@ -193,8 +196,11 @@ def run_search(space: Space, cfg: Config, *, name: str, storage: str, resume: bo
         best_cfg = trial_config(setup, {k: best[k] for k in space.params}, "best")
         best_yaml = yaml.safe_dump({k: v for k, v in best_cfg.to_dict().items() if k not in ("run", "tracking")}, sort_keys=False)
         run_folder.write_file(search_dir, "best_config.yaml", best_yaml)
-        best_checkpoint = run_folder.best_checkpoint(trial_run(setup, best["trial"]))
+        best_run = trial_run(setup, best["trial"])
+        best_checkpoint = run_folder.best_checkpoint(best_run)
         summary.update(best=best, best_config=run_folder.join(search_dir, "best_config.yaml"), best_checkpoint=best_checkpoint)
+        if setup.log_models == "best" and best_checkpoint and parent:  # the one model of the search MLflow keeps
+            search_tracking.log_model_of(best_cfg, best_run, best_checkpoint)
     if parent:
         search_tracking.close_parent(parent, rows, csv_text, space.metric, "KILLED" if summary["interrupted"] else "FINISHED")
     return summary

@@ -35,8 +35,10 @@ SCHEDULERS = {
 SEARCHERS = ("random", "grid", "optuna", "hyperopt")
 TOP_KEYS = {
     "metric", "mode", "num_samples", "max_concurrent_trials", "max_trial_failures", "scheduler", "search",
-    "resources", "params", "base",
+    "resources", "params", "base", "log_models", "log_checkpoints",
 }  # fmt: skip
+LOG_MODELS = ("best", "all", "none")  # which trials log their model to MLflow (about 100 MB for ResNet50)
+LOG_CHECKPOINTS = ("uri", "copy")  # a trial's best checkpoint: its URI as a tag, or a copy (about 180 MB) as an artifact
 
 
 @dataclass
@@ -54,6 +56,8 @@ class Space:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     base: dict[str, Any] = field(default_factory=dict)  # config overrides shared by every trial
+    log_models: str = "best"
+    log_checkpoints: str = "uri"
 
     def to_tune(self) -> dict[str, Any]:
         """The param space for ray.tune: {config key: tune domain}."""
@@ -163,6 +167,10 @@ def load_space(path: str | Path | None = None, *, text: str | None = None, sourc
     resources = raw.get("resources") or {}
     if not isinstance(resources, dict) or set(resources) - {"workers", "cpus_per_worker", "gpus_per_worker"}:
         raise _fail(source, "resources", "a mapping with workers, cpus_per_worker, gpus_per_worker", resources)
+    logging = {"log_models": raw.get("log_models", "best"), "log_checkpoints": raw.get("log_checkpoints", "uri")}
+    for key, choices in (("log_models", LOG_MODELS), ("log_checkpoints", LOG_CHECKPOINTS)):
+        if logging[key] not in choices:
+            raise _fail(source, key, f"one of {', '.join(choices)}", logging[key])
     base = raw.get("base") or {}
     if not isinstance(base, dict):
         raise _fail(source, "base", "a mapping of config sections, as in a recipe", base)
@@ -184,6 +192,7 @@ def load_space(path: str | Path | None = None, *, text: str | None = None, sourc
         cpus_per_worker=float(resources.get("cpus_per_worker", 1.0)),
         gpus_per_worker=float(resources.get("gpus_per_worker", 0.0)),
         base=base,
+        **logging,
         **ints,
     )
     return space

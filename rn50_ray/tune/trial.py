@@ -42,6 +42,8 @@ class SearchSetup:
     trials_dir: str
     parent_run: str  # the search's MLflow run id, or ""
     bad_files: list[str]  # undecodable files the search's screen found once
+    log_models: str = "best"  # best | all | none: which trials' models reach MLflow
+    log_checkpoints: str = "uri"  # uri | copy: a trial's best checkpoint in MLflow as its URI, or a copy
 
     @property
     def epochs(self) -> int:
@@ -51,6 +53,9 @@ class SearchSetup:
 def trial_config(setup: SearchSetup, params: dict[str, Any], segment: str, init_from: str = "") -> Config:
     overrides = {**params, "run.storage": setup.trials_dir, "run.name": segment, "tracking.parent_run_id": setup.parent_run}
     overrides.update({"run.init_from": init_from, "scale.check_resources": False, "data.screen_images": False})
+    overrides.update(
+        {"tracking.log_model": setup.log_models == "all", "tracking.log_checkpoint": setup.log_checkpoints == "copy"}
+    )
     return Config.from_dict(setup.base, source="search base config").with_overrides(overrides, "search space params")
 
 
@@ -67,7 +72,7 @@ def train_trial(params: dict[str, Any], setup: SearchSetup) -> None:
             flush=True,
         )
         note_exploit(cfg, params, init_from)
-    callback = ReportToTrial()
+    callback = ReportToTrial(run_folder.run_uri(cfg))
     outcome: dict[str, Any] = {}
 
     def train() -> None:
@@ -93,19 +98,17 @@ def train_trial(params: dict[str, Any], setup: SearchSetup) -> None:
 
 
 class ReportToTrial(ray.train.UserCallback):
-    """Runs in the Train controller: hands rank 0's epoch records and where their checkpoint lies to the
-    trial's driver (mid-epoch checkpoints stay Train's business: Tune counts an iteration per epoch)."""
+    """Runs in the Train controller: hands rank 0's epoch records and where their checkpoint lies (a URI in the
+    run's storage, its query kept) to the trial's driver (mid-epoch checkpoints stay Train's business: Tune
+    counts an iteration per epoch)."""
 
-    def __init__(self):
-        self.queue = Queue(actor_options={"num_cpus": 0})
+    def __init__(self, run_uri: str):
+        self.queue, self.run_uri = Queue(actor_options={"num_cpus": 0}), run_uri
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         if "val/loss" not in metrics[0]:
             return
-        where = None
-        if checkpoint is not None:
-            kind = checkpoint.filesystem.type_name
-            where = checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
+        where = run_folder.join(self.run_uri, run_folder.basename(checkpoint.path)) if checkpoint is not None else None
         self.queue.put((dict(metrics[0]), where))
 
 
