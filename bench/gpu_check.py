@@ -45,9 +45,9 @@ def peak_tflops(name: str, precision: str) -> float | None:
 
 # The sizes of a measurement on the GPU, and of --cpu-smoke (which measures nothing).
 GPU = {"device": "cuda", "size": 224, "batch": 256, "steps": 30, "warmup": 10, "window": 5, "max_batch": 1024, "jpegs": 1536,
-       "micro": 128, "loader_workers": 8, "resume_jpegs": 1536}  # fmt: skip
+       "micro": 128, "loader_workers": 8, "resume_jpegs": 1536, "resume_size": 224}  # fmt: skip
 SMOKE = {"device": "cpu", "size": 32, "batch": 4, "steps": 2, "warmup": 1, "window": 1, "max_batch": 8, "jpegs": 64,
-         "micro": 2, "loader_workers": 0, "resume_jpegs": 12}  # fmt: skip
+         "micro": 2, "loader_workers": 0, "resume_jpegs": 12, "resume_size": 32}  # fmt: skip
 
 
 def row(what, backend, plan, *, precision="amp-bf16", channels_last=True, compile_=False, steps=None, warmup=None, data=""):
@@ -106,7 +106,7 @@ def resume_row(precision: str, plan: dict, data: Path, out: Path) -> dict:
     epochs, steps_per_epoch = 2, plan["resume_jpegs"] // plan["batch"]
     args = [
         "--data", str(data), "--out", str(out), "--device", plan["device"], "--precision", precision,
-        "--size", str(plan["size"]), "--global-batch", str(plan["batch"]), "--micro", str(plan["micro"]),
+        "--size", str(plan["resume_size"]), "--global-batch", str(plan["batch"]), "--micro", str(plan["micro"]),
         "--epochs", str(epochs), "--every", "4", "--crash-at", str(steps_per_epoch + 2),
         "--workers", str(plan["loader_workers"]), "--deterministic",
     ]  # fmt: skip
@@ -176,7 +176,7 @@ def main() -> int:
         data = write_jpegs(Path(tmp) / "jpegs", plan["jpegs"])
         small = data if plan["resume_jpegs"] == plan["jpegs"] else write_jpegs(Path(tmp) / "small", plan["resume_jpegs"])
         resumes = [resume_row(pr, plan, small, Path(tmp) / pr) for pr in ("amp-bf16", "amp-fp16")]
-        print_resume_table(resumes, str(pick_device(plan["device"])), plan["size"])
+        print_resume_table(resumes, str(pick_device(plan["device"])), plan["resume_size"])
         if not dali_available():
             print("skip dali-gpu: nvidia.dali is not installed (pip install nvidia-dali-cuda130==2.4.0)")
             return 0

@@ -183,25 +183,28 @@ class S3Server:
                 time.sleep(0.3)
         self._client().create_bucket(Bucket="rn50")
 
-    def client_kwargs(self) -> dict:
-        return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
+    def _client(self):
+        import boto3
+
+        credentials = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
+        return boto3.client("s3", endpoint_url=self.endpoint, **credentials)
 
     def uri(self, path: str) -> str:
         """The URI form: the endpoint in pyarrow's query parameters."""
         return f"s3://rn50/{path}?endpoint_override=127.0.0.1:{self.port}&scheme=http&region=us-east-1"
 
+    CREDENTIALS = (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1"))
+
     def env(self, with_endpoint: bool = False) -> dict[str, str]:
         """Credentials for every process; with `with_endpoint`, the environment form of the endpoint too."""
-        credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-        return {**os.environ, **credentials, **({"AWS_ENDPOINT_URL": self.endpoint} if with_endpoint else {})}
+        return {**os.environ, **dict(self.CREDENTIALS), **({"AWS_ENDPOINT_URL": self.endpoint} if with_endpoint else {})}
 
     def keys(self, prefix: str) -> list[str]:
-        import boto3
-
-        listed = boto3.client("s3", endpoint_url=self.endpoint, **self.client_kwargs()).list_objects_v2(
-            Bucket="rn50", Prefix=prefix
-        )
+        listed = self._client().list_objects_v2(Bucket="rn50", Prefix=prefix)
         return [o["Key"] for o in listed.get("Contents", [])]
+
+    def read(self, key: str) -> str:
+        return self._client().get_object(Bucket="rn50", Key=key)["Body"].read().decode()
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)
