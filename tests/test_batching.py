@@ -25,7 +25,9 @@ from rn50_ray.data.types import Shard
 def _group_norm(model: nn.Module) -> nn.Module:
     for name, child in model.named_children():
         if isinstance(child, nn.BatchNorm2d):
-            setattr(model, name, nn.GroupNorm(1, child.num_features))
+            norm = nn.GroupNorm(1, child.num_features)
+            norm.weight.data.copy_(child.weight.data)  # keeps the zero-init residual gammas: a stable start
+            setattr(model, name, norm)
         else:
             _group_norm(child)
     return model
@@ -40,7 +42,7 @@ def _train(rank: int, world: int, data: str, run_dir: str, backend: str) -> dict
             "data.path": data, "data.backend": backend, "data.image_size": 32,
             "data.loader_workers": 0 if backend == "pytorch" else 1,
             "batch.global_size": 24, "batch.per_worker": 4, "schedule.epochs": 1, "schedule.warmup_epochs": 0,
-            "system.precision": "fp32", "optim.lr_per_256": 0.1, "run.log_every": 1,
+            "system.precision": "fp32", "optim.lr_per_256": 0.1, "run.log_every": 1, "model.zero_init_last_bn": True,
         },
     )  # fmt: skip
     plan = plan_batches(24, world, 4)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from rn50_ray.errors import UserError
+from rn50_ray.processes import pid_alive
 
 STATE_FILE = "state.pt"
 FORMAT_VERSION = 1
@@ -159,17 +160,7 @@ def remove_orphaned_staging(root: str | os.PathLike | None = None) -> list[Path]
             old = time.time() - folder.stat().st_mtime > ORPHAN_AGE_S
         except FileNotFoundError:
             continue
-        if pid.isdigit() and old and not _alive(int(pid)):
+        if pid.isdigit() and old and not pid_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True

@@ -45,6 +45,16 @@ def decode_rgb(path: str) -> Image.Image:
         raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e}); remove it or pass --skip-bad-images") from None
 
 
+def _decode_or_skip(path: str, skip_bad: bool) -> Image.Image | None:
+    """The image, or None for an undecodable one under --skip-bad-images (the collate function drops it)."""
+    try:
+        return decode_rgb(path)
+    except DataError:
+        if skip_bad:
+            return None
+        raise
+
+
 def _to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
 
@@ -61,12 +71,9 @@ class TrainImages(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         path, label = self.samples[index]
-        try:
-            img = decode_rgb(path)
-        except DataError:
-            if self.skip_bad:
-                return None
-            raise
+        img = _decode_or_skip(path, self.skip_bad)
+        if img is None:
+            return None
         c = order.random_resized_crop(self.seed, epoch, index, img.width, img.height, self.area_min)
         size = self.size_at(epoch)
         img = img.resize((size, size), Image.BILINEAR, box=(c.left, c.top, c.left + c.width, c.top + c.height))
@@ -87,13 +94,8 @@ class ValImages(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        try:
-            img = decode_rgb(path)
-        except DataError:
-            if self.skip_bad:
-                return None
-            raise
-        return _to_tensor(self.transform(img)), label, index
+        img = _decode_or_skip(path, self.skip_bad)
+        return None if img is None else (_to_tensor(self.transform(img)), label, index)
 
 
 class StepSampler(Sampler):

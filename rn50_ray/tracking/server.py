@@ -23,6 +23,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from rn50_ray.processes import pid_alive
+
 PID_FILE = Path.home() / ".rn50-mlflow.pid"
 PRIVATE = ("10.*", "172.*", "192.168.*")
 
@@ -31,14 +33,6 @@ def allowed_hosts(host: str) -> str:
     names = {"localhost", "127.0.0.1", host, socket.gethostname(), socket.getfqdn()}
     return ",".join([f"{n}:*" for n in sorted(names)] + list(PRIVATE))
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -48,13 +42,13 @@ def stop(pid_file: Path = PID_FILE, timeout_s: float = 15.0) -> bool:
         pid = int(pid_file.read_text())
     except (FileNotFoundError, ValueError):
         return False
-    running = _alive(pid)
+    running = pid_alive(pid)
     if running:
         os.killpg(pid, signal.SIGTERM)
         deadline = time.time() + timeout_s
-        while _alive(pid) and time.time() < deadline:
+        while pid_alive(pid) and time.time() < deadline:
             time.sleep(0.2)
-        if _alive(pid):
+        if pid_alive(pid):
             os.killpg(pid, signal.SIGKILL)
     pid_file.unlink(missing_ok=True)
     return running
