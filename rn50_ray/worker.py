@@ -82,6 +82,8 @@ class RayContext:
         return {"nodes": [n[:12] for n in info.preempted_node_ids], "seconds_left": left}
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str) -> None:
+        if self.tracker is not None:  # in MLflow before Tune sees the report and may stop the trial
+            ray.get(self.tracker.settle.remote())
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{name}")
         if ckpt is not None and self.world_rank == 0:

@@ -158,3 +158,14 @@ def test_gpu_check_runs_end_to_end_at_toy_sizes_on_the_cpu():
         assert float(r["max loss diff"]) == 0.0 and 0 <= float(r["EMA top1"]) <= 100
     (data,) = bench_table(tables["bench data"], "data")
     assert (data["backend"], data["image_size"], data["batch"]) == ("dali-cpu", "32", "4"), tables["bench data"]
+
+
+def test_recipe_time_sums_each_epoch_at_its_scheduled_size():
+    script = [sys.executable, str(ROOT / "bench" / "recipe_time.py"), "--anchor", "1000", "--images", "60000"]
+    out = subprocess.run([*script, "--ratio", "160=2", "--ratio", "192=1.5"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split("|")[0].strip(): [c.strip() for c in line.split("|")[1:]] for line in out.stdout.splitlines()[2:]}
+    assert rows["rn50_90e"] == ["90", "90 at 224", "90", "1.00x"]  # 90 epochs of 60,000 images at 1,000 img/s
+    assert rows["rn50_fast_16e"][:3] == ["16", "12 at 160, 4 at 192", f"{(12 * 30 + 4 * 40) / 60:.0f}"]
+    missing = subprocess.run([*script, "--ratio", "160=2"], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "rn50_fast_16e trains at [192] px: give --ratio for each" in missing.stderr

@@ -81,6 +81,8 @@ def ssh_cluster(tmp_path_factory, tiny_data):
         _sh("useradd", "--create-home", "--shell", "/bin/bash", USER)
     _sh("usermod", "--password", "*", USER)  # no password, but not locked: sshd (without PAM) refuses locked accounts
     home = Path(pwd.getpwnam(USER).pw_dir)
+    for left in ("rn50-ray", "nfs"):  # a fresh node: no checkout or runs from an earlier session of this test
+        shutil.rmtree(home / left, ignore_errors=True)
     # Its key, its virtual environment (this checkout's packages plus its own editable install of the project),
     # the sample data, and PATH.
     _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / "key"))

@@ -143,70 +143,21 @@ def test_blurpool_keeps_the_parameters_and_is_off_by_default():
     assert out.shape == (2, 1000) and blurred.layer2[0].conv2[1].weight.grad is not None
 
 
-@pytest.fixture(scope="module")
-def fast_runs(sample_data, tmp_path_factory):
-    """rn50_fast_16e at toy sizes through Ray, with each backend: the same recipe, its ramp, TTA and BlurPool on."""
-    runs = {}
-    for backend in ("dali-cpu", "pytorch"):
-        storage = tmp_path_factory.mktemp(backend)
-        out = launch(
-            "train",
-            "--recipe",
-            "rn50_fast_16e",
-            "--data",
-            sample_data,
-            "--storage",
-            storage,
-            "--name",
-            "fast",
-            "--backend",
-            backend,
-            "--workers",
-            "2",
-            "--gpus-per-worker",
-            "0",
-            "--cpus-per-worker",
-            "1",
-            "--batch-size",
-            "16",
-            "--global-batch",
-            "32",
-            "--precision",
-            "fp32",
-            "--epochs",
-            "5",
-            "--image-size",
-            "32",
-            "--val-image-size",
-            "40",
-            "--loader-workers",
-            "1",
-            "--log-every",
-            "10",
-            "--set",
-            "resolution.start_size=24",
-            "--set",
-            "resolution.start_epoch=1",
-            "--set",
-            "resolution.end_epoch=3",
-            "--set",
-            "resolution.multiple=8",
-            "--set",
-            "data.crop_area_min=0.35",
-            "--lr-per-256",
-            "0.15",
-            "--set",
-            "model.zero_init_last_bn=true",
-        )  # fmt: skip  (the toy scale's LR, crop and init are cpu_demo's: a batch of 32 of 32 px images)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        runs[backend] = ([json.loads(x) for x in (storage / "fast" / "metrics.jsonl").read_text().splitlines()], out.stdout)
-    return runs
-
-
-def test_a_fast_recipe_learns_through_ray_with_both_backends(fast_runs):
-    for backend, (history, out) in fast_runs.items():
-        assert [h["train/resolution"] for h in history] == [24, 24, 32, 32, 32], backend  # the ramp, through Ray
-        assert history[-1]["val/top1"] >= 30.0, (backend, history)  # chance is 10%
-        assert f"data: {backend} backend" in out and "train size 24 px, then 32 px from epoch 3" in out
-    dali, pytorch = (fast_runs[b][0][-1]["val/top1"] for b in ("dali-cpu", "pytorch"))
-    assert abs(dali - pytorch) <= 15.0, (dali, pytorch)  # the two pipelines train alike
+def test_a_fast_recipe_learns_through_ray(sample_data, tmp_path):
+    """rn50_fast_16e at toy sizes through Ray, with its ramp, TTA and BlurPool on. The pytorch backend: the quick
+    start's dali-cpu learns in test_train_ray.py, and test_dali.py shows both backends give the same batches."""
+    out = launch(
+        "train", "--recipe", "rn50_fast_16e", "--data", sample_data, "--storage", tmp_path, "--name", "fast",
+        "--backend", "pytorch", "--workers", "2", "--gpus-per-worker", "0", "--cpus-per-worker", "1",
+        "--batch-size", "16", "--global-batch", "32", "--precision", "fp32", "--epochs", "5", "--image-size", "32",
+        "--val-image-size", "40", "--loader-workers", "1", "--log-every", "10",
+        "--set", "resolution.start_size=24", "--set", "resolution.start_epoch=1", "--set", "resolution.end_epoch=3",
+        "--set", "resolution.multiple=8",
+        # the toy scale's LR, crop and init are cpu_demo's: a batch of 32 of 32 px images
+        "--set", "data.crop_area_min=0.35", "--lr-per-256", "0.15", "--set", "model.zero_init_last_bn=true",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    history = [json.loads(x) for x in (tmp_path / "fast" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["train/resolution"] for h in history] == [24, 24, 32, 32, 32]  # the ramp, through Ray
+    assert history[-1]["val/top1"] >= 30.0, history  # chance is 10%
+    assert "data: pytorch backend" in out.stdout and "train size 24 px, then 32 px from epoch 3" in out.stdout

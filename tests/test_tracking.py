@@ -181,3 +181,23 @@ def test_the_ui_in_a_real_browser_opens_the_projects_runs_in_the_training_view(s
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
     assert "seen-in-browser" in text, text[-3000:]  # the runs table, rendered by the UI's JavaScript
     assert "Experiments browser Runs " in text and "Training runs" not in text and "Traces 0" not in text  # not GenAI
+
+
+def test_a_report_waits_for_queued_metrics_but_never_for_an_outage(server):
+    # A Tune scheduler may stop a trial right after its report (PBT's exploit, ASHA's cut): rank 0 settles the
+    # sink first, so the epoch's val metrics are in MLflow before the trial can die with them queued.
+    from rn50_ray.tracking.sink import MetricSink
+
+    c = client(server)
+    run_id = c.create_run(c.create_experiment(f"settle-{time.time_ns()}")).info.run_id
+    sink = MetricSink(server.uri, run_id, flush_every_s=3600)  # the thread would wait an hour: settle sends
+    sink.log({"val/loss": 12.5}, 6)
+    assert sink.settle() == 0
+    assert [(m.step, m.value) for m in c.get_metric_history(run_id, "val/loss")] == [(6, 12.5)]
+    sink.close()
+    away = MetricSink(f"http://127.0.0.1:{free_port()}", run_id, flush_every_s=3600)  # nothing listens there
+    away.log({"val/loss": 1.0}, 7)
+    assert away.settle() == 1 and away.down_since is not None  # one refused try, and training goes on
+    start = time.monotonic()
+    assert away.settle() == 1 and time.monotonic() - start < 1.0  # down: no more tries from a report
+    away.close(timeout_s=0)

@@ -25,9 +25,9 @@ def smoke_space(tmp_path: Path, epochs: int | None = None, **keys) -> Path:
 def test_asha_search_stops_weak_trials_and_names_the_best(tiny_data, tmp_path):
     # Deterministic on purpose: two sane LRs start first (2 at a time, grid order), so one of them sets ASHA's
     # cutoff at epoch 1 before the two huge LRs get there; those blow val loss up tenfold and must stop early.
-    # Val loss, not top-1: 12 steps on the tiny set leave top-1 near chance, where ties would hide the cut.
+    # Val loss, not top-1: 6 steps an epoch on the tiny set leave top-1 near chance, where ties would hide the cut.
     path = smoke_space(
-        tmp_path, 3, metric="val/loss", mode="min", search="grid", num_samples=1,
+        tmp_path, 2, metric="val/loss", mode="min", search="grid", num_samples=1,
         params={"optim.lr_per_256": {"grid": [0.05, 0.1, 1.5, 2.0]}},
         scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 3},
     )  # fmt: skip
@@ -133,7 +133,7 @@ def test_pbt_restarts_a_weak_trial_from_a_better_one_with_perturbed_hyperparamet
 
 
 def test_an_optuna_search_interrupted_and_resumed_runs_each_trial_once(tiny_data, tmp_path, server):
-    path = smoke_space(tmp_path, 1, search="optuna", num_samples=3, max_concurrent_trials=1, scheduler="fifo")
+    path = smoke_space(tmp_path, 1, search="optuna", num_samples=2, max_concurrent_trials=1, scheduler="fifo")
     runs = tmp_path / "runs"
     tracking = ("--mlflow-uri", server.uri, "--experiment", "tune-resume")  # the real server; --resume reads it back
     args = launch_cmd("tune", "--space", path, *FAST, "--data", tiny_data, "--storage", runs, "--name", "opt", *tracking)
@@ -141,15 +141,15 @@ def test_an_optuna_search_interrupted_and_resumed_runs_each_trial_once(tiny_data
     assert status == 130, out[-4000:]
     assert f"trials done; continue it with: python launch.py tune --resume opt --storage {runs}" in out
     before = [r["trial"] for r in csv.DictReader((runs / "opt" / "results.csv").open()) if r["status"] == "FINISHED"]
-    assert 1 <= len(before) < 3, before
+    assert len(before) == 1, before  # the second trial was cut short by the Ctrl-C
 
     again = launch("tune", "--resume", "opt", *FAST, "--data", tiny_data, "--storage", runs)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     rows = list(csv.DictReader((runs / "opt" / "results.csv").open()))
-    assert len(rows) == 3 and all(r["status"] == "FINISHED" for r in rows), rows
+    assert len(rows) == 2 and all(r["status"] == "FINISHED" for r in rows), rows
     assert set(before) <= {r["trial"] for r in rows}
     assert not [t for t in before if f"run 'trial_{t}'" in again.stdout]  # finished trials did not train again
-    assert len({r["optim.lr_per_256"] for r in rows}) == 3  # Optuna proposed three points
+    assert len({r["optim.lr_per_256"] for r in rows}) == 2  # Optuna proposed two points
 
     from mlflow import MlflowClient
 

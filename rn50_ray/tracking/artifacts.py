@@ -115,6 +115,8 @@ def log_model(tracked, cfg: Config, checkpoint: str) -> None:
     example = torch.zeros(2, 3, size, size).numpy()  # a batch of 2: torch.export keeps a size-1 dimension static
     before = mlflow.get_tracking_uri() if os.environ.get("MLFLOW_TRACKING_URI") else None
     mlflow.set_tracking_uri(tracked.uri)  # the fluent API has no client argument; it also sets the env var
+    client = mlflow.MlflowClient(tracked.uri)
+    ended = client.get_run(tracked.run_id).info  # a search logs its best trial's model after the trial ended
     try:
         with mlflow.start_run(run_id=tracked.run_id):
             mlflow.pytorch.log_model(
@@ -126,3 +128,5 @@ def log_model(tracked, cfg: Config, checkpoint: str) -> None:
             )
     finally:
         mlflow.set_tracking_uri(before)
+        if ended.end_time:  # leaving the block ends the run again: keep its own status and end time
+            client.set_terminated(tracked.run_id, ended.status, end_time=ended.end_time)

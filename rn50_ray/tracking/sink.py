@@ -1,4 +1,5 @@
-"""The one writer of an MLflow run's metrics: dedupes, buffers and retries, never blocks training.
+"""The one writer of an MLflow run's metrics: dedupes, buffers and retries; training waits for it only at a
+report (a bounded `settle`), never through an outage.
 
 A restart resumes from the last checkpoint and trains some steps again, so points at or below the
 highest step already logged for a key are dropped: the run's history never holds a step twice. Writes
@@ -45,6 +46,7 @@ class MetricSink:
         self.tracking_uri = tracking_uri
         self.read_file, self.write_file = read_file, write_file
         self.lock = threading.Lock()
+        self.send_lock = threading.Lock()  # one log_batch at a time: the thread's and settle()'s never send a point twice
         self.pending: list[tuple[str, float, int, int]] = []  # (key, value, timestamp ms, step)
         self.pending_tags: dict[str, str] = {}
         self.logged_max = self._logged_steps()
@@ -111,6 +113,10 @@ class MetricSink:
         self.log({"world_size": world_size}, step)
 
     def _send(self) -> bool:
+        with self.send_lock:
+            return self._send_batch()
+
+    def _send_batch(self) -> bool:
         from mlflow.entities import Metric, RunTag
 
         with self.lock:
@@ -152,6 +158,16 @@ class MetricSink:
         while (self.pending or self.pending_tags) and time.time() < deadline:
             if not self._send():
                 time.sleep(1.0)
+        return len(self.pending)
+
+    def settle(self, timeout_s: float = 10.0) -> int:
+        """Send what is queued now, before a report hands control to Ray Tune, whose schedulers may stop the
+        trial right after it (PBT's exploit, ASHA's cut): points still queued would die with the trial. Returns
+        at once while MLflow is away (the thread keeps retrying; training does not wait on an outage)."""
+        deadline = time.time() + timeout_s
+        while (self.pending or self.pending_tags) and self.down_since is None and time.time() < deadline:
+            if not self._send():
+                break
         return len(self.pending)
 
     def close(self, status: str = "FINISHED", timeout_s: float = 30.0) -> int:
