@@ -127,6 +127,14 @@ def ssh_cluster(tmp_path_factory, tiny_data):
     _sh(str(BIN / "ray"), "get-auth-token", "--generate", env=env)
     config = tmp / "dgx-local.yaml"
     config.write_text(yaml.safe_dump(derived_config(home, tmp / "key")))
+    # Here the client and the head share /tmp/ray, where the local provider keeps its cluster state and lock:
+    # the head's autoscaler (the test user) must open the files the client (root) creates.
+    for suffix in ("lock", "state"):
+        shared = Path("/tmp/ray") / f"cluster-{yaml.safe_load(config.read_text())['cluster_name']}.{suffix}"
+        shared.parent.mkdir(mode=0o777, exist_ok=True)
+        if not shared.exists():
+            shared.write_text("{}" if suffix == "state" else "")  # an empty state: Ray's own start
+        shared.chmod(0o666)  # Ray rewrites the state in place, so the mode stays
     try:
         yield {"config": config, "env": env, "home": home, "tmp": tmp}
     finally:
@@ -150,6 +158,14 @@ def _mlflow_run(name: str) -> dict:
 
 
 def test_ray_up_submit_job_submit_and_down_as_the_readme_says(ssh_cluster):
+    try:
+        _operate(ssh_cluster)
+    except BaseException:
+        print("sshd.log, last lines:\n" + (ssh_cluster["tmp"] / "sshd.log").read_text()[-2000:])  # shown on failure
+        raise
+
+
+def _operate(ssh_cluster) -> None:
     config, home = str(ssh_cluster["config"]), ssh_cluster["home"]
     marker = ROOT / "mlruns" / "rn50-ssh-test-marker"  # an ignored folder: it must not travel to the nodes
     marker.parent.mkdir(exist_ok=True)
