@@ -33,8 +33,6 @@ def allowed_hosts(host: str) -> str:
     names = {"localhost", "127.0.0.1", host, socket.gethostname(), socket.getfqdn()}
     return ",".join([f"{n}:*" for n in sorted(names)] + list(PRIVATE))
 
-    return True
-
 
 def stop(pid_file: Path = PID_FILE, timeout_s: float = 15.0) -> bool:
     """End the supervised server (its whole process group). True if one was running."""
