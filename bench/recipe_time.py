@@ -41,15 +41,14 @@ def main() -> int:
         speed[int(px)] = args.anchor * float(ratio)
     print(f"img/s at 224 px: {args.anchor:,.0f}; " + ", ".join(f"{px} px {s:,.0f}" for px, s in sorted(speed.items())))
     print(f"{'recipe':>14} | {'epochs':>6} | {'epochs at each size':>24} | {'train minutes':>13} | vs rn50_90e")
+    sizes_of = {recipe: epoch_sizes(recipe) for recipe in RECIPES}
     minutes = {}
-    for recipe in RECIPES:
-        sizes = epoch_sizes(recipe)
+    for recipe, sizes in sizes_of.items():
         missing = sorted(set(sizes) - set(speed))
         if missing:
             p.error(f"{recipe} trains at {missing} px: give --ratio for each")
         minutes[recipe] = sum(args.images / speed[s] for s in sizes) / 60
-    for recipe in RECIPES:
-        sizes = epoch_sizes(recipe)
+    for recipe, sizes in sizes_of.items():
         counts = ", ".join(f"{sizes.count(s)} at {s}" for s in sorted(set(sizes)))
         ratio = minutes[recipe] / minutes["rn50_90e"]
         print(f"{recipe:>14} | {len(sizes):>6} | {counts:>24} | {minutes[recipe]:>13.0f} | {ratio:.2f}x")

@@ -126,11 +126,12 @@ def ssh_cluster(tmp_path_factory, tiny_data):
     env.pop("RAY_ADDRESS", None)
     _sh(str(BIN / "ray"), "get-auth-token", "--generate", env=env)
     config = tmp / "dgx-local.yaml"
-    config.write_text(yaml.safe_dump(derived_config(home, tmp / "key")))
+    derived = derived_config(home, tmp / "key")
+    config.write_text(yaml.safe_dump(derived))
     # Here the client and the head share /tmp/ray, where the local provider keeps its cluster state and lock:
     # the head's autoscaler (the test user) must open the files the client (root) creates.
     for suffix in ("lock", "state"):
-        shared = Path("/tmp/ray") / f"cluster-{yaml.safe_load(config.read_text())['cluster_name']}.{suffix}"
+        shared = Path("/tmp/ray") / f"cluster-{derived['cluster_name']}.{suffix}"
         shared.parent.mkdir(mode=0o777, exist_ok=True)
         if not shared.exists():
             shared.write_text("{}" if suffix == "state" else "")  # an empty state: Ray's own start
