@@ -1,16 +1,27 @@
-# Quick start: `make demo` trains on the bundled sample; `make test` runs the suite.
-# Each target sets itself up: the Debian data package, .venv and requirements.txt.
+# Quick start: `make demo` trains on the bundled sample; `make test` runs the suite; `make test-fast` the inner loop.
+# Each target sets itself up: the Debian packages it needs, .venv and requirements.txt.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
+# What the whole suite needs of the system: real images (Fashion-MNIST); sshd and rsync for `ray up` over SSH
+# (tests/test_cluster_ssh.py); Chromium for the MLflow UI in a browser (tests/test_tracking.py).
+TEST_PACKAGES := dataset-fashion-mnist openssh-server rsync chromium
 
-.PHONY: demo test lint sysdeps venv clean
+.PHONY: demo test test-fast lint sysdeps test-sysdeps venv clean
 
 sysdeps:
 	@[ -d $(FASHION_MNIST) ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+
+test-sysdeps:
+	@missing=$$(for p in $(TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing what the tests need: $$missing"; \
+		{ $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; } || \
+		echo "warning: could not install $$missing: the SSH cluster test skips without openssh-server/rsync, the browser test without chromium, and every data test fails without dataset-fashion-mnist"; \
+	fi
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +37,13 @@ data/sample: | sysdeps venv
 demo: sysdeps venv data/sample
 	$(PY) launch.py train --recipe cpu_demo
 
-test: sysdeps venv
+# The full suite: real Ray clusters, MLflow and S3 servers, sshd, a browser (about 45 minutes on 2 cores).
+test: test-sysdeps venv
 	$(PY) -m pytest
+
+# The inner loop: everything that starts no Ray cluster (the `ray` marker), in a few minutes.
+test-fast: sysdeps venv
+	$(PY) -m pytest -m "not ray" -q
 
 lint: venv
 	$(VENV)/bin/ruff check rn50_ray tests bench launch.py

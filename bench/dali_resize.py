@@ -1,6 +1,7 @@
-"""What a progressive-resizing step costs the DALI pipeline: the train size is a pipeline input, so a new size
-needs no rebuild. Times every batch of two epochs, the second at a larger size, with one pipeline, and prints
-the steady batch time at each size against the batches right after the change.
+"""What a new epoch, and a progressive-resizing step with it, costs the DALI pipeline: each epoch builds its
+pipeline (the native reader's file list is the epoch's order), at the epoch's size. Times every batch of two
+epochs, the second at a larger size, and prints the steady batch time at each size against the batches right
+after the change (the first of them includes the pipeline's build).
 
     python bench/dali_resize.py --data DIR [--sizes 160 192] [--batch 64] [--threads 2]
 """
@@ -17,9 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rn50_ray.config import load_config
-from rn50_ray.core.batching import plan_batches
-from rn50_ray.data.loaders import make_loaders
+from rn50_ray.config import load_config, resolve
+from rn50_ray.data.loaders import open_loaders
 from rn50_ray.data.types import Shard
 
 
@@ -36,21 +36,15 @@ def main() -> int:
         "resolution.start_size": small, "resolution.start_epoch": 0, "resolution.end_epoch": 1, "resolution.multiple": 8,
         "batch.per_worker": opts.batch, "batch.global_size": opts.batch,
     })  # fmt: skip
-    plan = plan_batches(opts.batch, 1, opts.batch)
-    loaders = make_loaders(
-        cfg.data, Shard(0, 1, torch.device("cpu")), plan, seed=0, channels_last=False, resolution=cfg.resolution
-    )
+    _, loaders = open_loaders(resolve(cfg), Shard(0, 1, torch.device("cpu")), channels_last=False)
     times: dict[int, list[float]] = {}
-    pipelines = []
     for epoch in (0, 1):
         t = time.perf_counter()
         for images, _ in loaders.train.epoch(epoch):
             times.setdefault(images.shape[-1], []).append(time.perf_counter() - t)
             t = time.perf_counter()
-        pipelines.append(loaders.train.iterator)
     first = times[large][:3]
-    rebuilt = "rebuilt" if pipelines[0] is not pipelines[1] else "the same pipeline, no rebuild"
-    print(f"dali-cpu, batch {opts.batch}, {opts.threads} threads; epoch 1 at {large} px after epoch 0 at {small} px: {rebuilt}")
+    print(f"dali-cpu, batch {opts.batch}, {opts.threads} threads; epoch 1 at {large} px after epoch 0 at {small} px")
     for size in (small, large):
         steady = statistics.median(times[size][3:])
         print(f"  {size} px: {len(times[size])} batches, steady {1000 * steady:.1f} ms a batch ({opts.batch / steady:.0f} img/s)")

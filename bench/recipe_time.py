@@ -18,15 +18,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rn50_ray.config import load_config
-from rn50_ray.core.resolution import ResolutionSchedule
+from rn50_ray.core.run_plan import plan_run
 
 RECIPES = ("rn50_fast_16e", "rn50_fast_24e", "rn50_fast_88e", "rn50_50e", "rn50_90e")
 
 
 def epoch_sizes(recipe: str) -> list[int]:
     cfg = load_config([str(Path(__file__).resolve().parent.parent / "recipes" / f"{recipe}.yaml")])
-    schedule = ResolutionSchedule.from_config(cfg.data.image_size, cfg.resolution)
-    return [schedule.at(e) for e in range(cfg.schedule.epochs)]
+    plan = plan_run(cfg, 1_281_167)
+    return [plan.sizes.at(e) for e in range(plan.epochs)]
 
 
 def main() -> int:

@@ -21,13 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rn50_ray.config import load_config
-from rn50_ray.core.batching import plan_batches
+from rn50_ray.config import load_config, resolve
 from rn50_ray.core.context import LocalContext
 from rn50_ray.core.evaluation import evaluate
 from rn50_ray.core.loop import fit
 from rn50_ray.core.trainer import input_format
-from rn50_ray.data.loaders import make_loaders
+from rn50_ray.data.loaders import open_loaders
 from rn50_ray.data.types import Shard
 from rn50_ray.evaluate import pick_device
 
@@ -85,9 +84,9 @@ def main() -> int:
             "run.checkpoint_every_steps": opts.every,
         },
     )
-    plan = plan_batches(opts.global_batch, 1, opts.micro)
+    cfg = resolve(cfg)
     layout = input_format(cfg, device)
-    loaders = make_loaders(cfg.data, Shard(0, 1, device), plan, seed=cfg.system.seed, **layout)
+    plan, loaders = open_loaders(cfg, Shard(0, 1, device), **layout)
     run_dir = Path(opts.out) / ("full" if opts.part == "full" else "run")
     if opts.part == "crash":
         ctx = Crashing(run_dir, device, opts.crash_at)
@@ -107,14 +106,14 @@ def main() -> int:
         from rn50_ray.core.checkpoint import load_checkpoint
         from rn50_ray.core.trainer import Trainer
 
-        trainer = Trainer(cfg, device, loaders.num_classes, plan, loaders.train.steps_per_epoch)
+        trainer = Trainer(cfg, device, loaders.num_classes, plan)
         trainer.model.load_state_dict(load_checkpoint(ctx.latest_checkpoint())["model"])
         del summary
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         evaluate(trainer.model, loaders.val.batches(), loaders.num_classes, trainer.precision, device)
         result["val_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    result["val_batch"] = cfg.data.val_batch or plan.max_micro
+    result["val_batch"] = plan.val_batch
     Path(opts.out, f"{opts.part}.json").write_text(json.dumps(result))
     return 0
 

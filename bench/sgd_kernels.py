@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rn50_ray.bench import timed
 from rn50_ray.config import load_config
-from rn50_ray.core.batching import plan_batches
+from rn50_ray.core.run_plan import plan_run
 from rn50_ray.core.trainer import Trainer
 
 KERNELS = ("for-loop", "foreach", "fused")
@@ -42,7 +42,7 @@ def main() -> int:
     for kernel in KERNELS:
         overrides = {"optim.impl": kernel, "system.precision": opts.precision, "batch.per_worker": opts.batch}
         cfg = load_config([], {**overrides, "batch.global_size": opts.batch, "schedule.warmup_epochs": 0})
-        trainer = Trainer(cfg, device, 1000, plan_batches(opts.batch, 1, opts.batch), 1000)
+        trainer = Trainer(cfg, device, 1000, plan_run(cfg, 1000 * opts.batch))  # 1,000 steps an epoch
         x = images.contiguous(memory_format=torch.channels_last) if trainer.channels_last else images
         steps[kernel] = lambda t=trainer, x=x: t.step(t.model, x, labels)
         for _ in range(3):  # warm-up

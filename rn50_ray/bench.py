@@ -9,10 +9,10 @@ so it runs on a bare CUDA machine (bench/gpu_check.sh).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,11 +21,12 @@ from typing import Any
 import psutil
 import torch
 
-from rn50_ray.core.batching import plan_batches
+from rn50_ray.config import resolve
 from rn50_ray.core.loop import sync_device
 from rn50_ray.core.step import eval_step
 from rn50_ray.core.trainer import Trainer, input_format
-from rn50_ray.data.loaders import make_loaders
+from rn50_ray.data.checks import usable_dataset
+from rn50_ray.data.loaders import open_loaders
 from rn50_ray.data.types import Shard
 from rn50_ray.errors import UserError
 from rn50_ray.evaluate import pick_device
@@ -119,19 +120,19 @@ def _flop_share(img_per_s: float, gflop_per_img: float, peak_tflops: float | Non
 
 
 def bench_backend(cfg, what: str, backend: str, device: torch.device, args: BenchOptions) -> dict[str, Any]:
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, backend=backend))
-    global_size = cfg.batch.global_size or cfg.batch.per_worker
-    plan = plan_batches(global_size, 1, cfg.batch.per_worker)
+    """One backend's row. `cfg` is resolved for one worker (its global batch is this process's batch)."""
+    cfg = cfg.with_overrides({"data.backend": backend}, "bench --backends")
     layout = input_format(cfg, device)  # as training's: channels_last, fp16 DALI output under AMP on a GPU
     channels_last = layout["channels_last"]
-    loaders = make_loaders(cfg.data, Shard(0, 1, device), plan, seed=cfg.system.seed, **layout)
+    # the folder's manifest: its build, if any, was announced once by run_bench
+    plan, loaders = open_loaders(cfg, Shard(0, 1, device), **layout, log=lambda line: None)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.system.cudnn_benchmark
         torch.cuda.reset_peak_memory_stats(device)
-    trainer = Trainer(cfg, device, loaders.num_classes, plan, loaders.train.steps_per_epoch) if what != "data" else None
+    trainer = Trainer(cfg, device, loaders.num_classes, plan) if what != "data" else None
     batches = _batches(loaders.train, (args.warmup + args.steps) * 2 + 10)
     row: dict[str, Any] = {}
-    batch, peak_mem = plan.global_size, {}
+    batch, peak_mem = plan.global_batch, {}
     cpu0 = _cpu_seconds()
     scale = (cfg.data.image_size / 224) ** 2
     if what == "train":
@@ -228,10 +229,16 @@ def _labeller(rows: list[dict[str, Any]]) -> Callable[[dict[str, Any]], str]:
     return lambda r: "/".join(names[c](r.get(c)) for c in varying)
 
 
-def run_bench(cfg, opts: BenchOptions) -> int:
+def run_bench(cfg, opts: BenchOptions, rescan: bool = False) -> int:
+    """`cfg` as the command line gives it: the benchmark runs one process, so its batch is one worker's."""
     device = pick_device(opts.device)
+    cfg = resolve(cfg.with_overrides({"scale.workers": "1"}, "bench"))
+    if rescan or any(b != "synthetic" for b in opts.backends):  # read (or build) the manifest once, before any timing
+        usable_dataset(cfg, rescan=rescan, log=lambda line: print(line, file=sys.stderr, flush=True))  # stdout: the table
     for size in opts.image_sizes or (cfg.data.image_size,):
-        sized = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size, val_image_size=0))
+        sized = cfg.with_overrides(
+            {"data.image_size": size, "data.val_image_size": 0, "resolution.start_size": 0}, "--image-sizes"
+        )
         torch.manual_seed(cfg.system.seed)
         rows = [bench_backend(sized, opts.what, b, device, opts) for b in opts.backends]
         if opts.json:

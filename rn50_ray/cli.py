@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rn50_ray import __version__
 from rn50_ray.errors import UserError
-from rn50_ray.flags import add_config_args, config_from_args
+from rn50_ray.flags import add_config_args, add_rescan_arg, config_from_args
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,17 +27,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    from rn50_ray.config import resolve
+
+    cfg = resolve(config_from_args(args))  # read and resolved once for the whole command
     if args.dry_run:
-        from rn50_ray.config import resolve
         from rn50_ray.dry_run import describe
 
-        print(f"dry run (nothing started): run {resolve(cfg).run.name!r}")
-        print(describe(resolve(cfg)))
+        print(f"dry run (nothing started): run {cfg.run.name!r}")
+        print(describe(cfg, rescan=args.rescan))
         return 0
     from rn50_ray.driver import run_training
 
-    summary = run_training(cfg)
+    summary = run_training(cfg, rescan=args.rescan)
     line = (
         f"summary: {summary.get('epoch', 0)} epochs, {summary.get('step', 0)} steps, val top1 "
         f"{summary.get('val/top1', float('nan')):.2f}% top5 {summary.get('val/top5', float('nan')):.2f}% "
@@ -71,6 +72,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         workers=args.loader_workers,
         flip_tta=args.flip_tta,
         image_size=args.image_size,
+        rescan=args.rescan,
     )
     rows = result.pop("per_class")
     if args.per_class:
@@ -131,11 +133,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
         from rn50_ray.tune.runner import trial_base
 
         print(f"dry run (nothing started): search {name!r} of {space.num_samples} sample(s) over {', '.join(space.params)}")
-        print(describe(resolve(trial_base(space, cfg))))
+        print(describe(resolve(trial_base(space, cfg)), rescan=args.rescan))
         return 0
     from rn50_ray.tune.runner import run_search
 
-    summary = run_search(space, cfg, name=name, storage=cfg.run.storage, resume=bool(args.resume))
+    summary = run_search(space, cfg, name=name, storage=cfg.run.storage, resume=bool(args.resume), rescan=args.rescan)
     rows = summary["rows"]
     if rows:
         cols = list(rows[0])
@@ -208,7 +210,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         json=args.json,
     )
-    return run_bench(config_from_args(args), opts)
+    return run_bench(config_from_args(args), opts, rescan=args.rescan)
 
 
 def cmd_prepare_imagenet(args: argparse.Namespace) -> int:
@@ -259,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader-workers", type=int, default=2)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--per-class", metavar="CSV", help="write each class's val top-1 (with its name) to this file")
+    add_rescan_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
 

@@ -242,15 +242,15 @@ def check_consistency(cfg: Config) -> Config:
 
 
 def resolve(cfg: Config) -> Config:
-    """Fill what the defaults leave open: the global batch, the run name, absolute local paths."""
-    batch = cfg.batch
-    if not batch.global_size:
-        batch = dataclasses.replace(batch, global_size=batch.per_worker * cfg.max_workers)
+    """Fill what the defaults leave open: the global batch, then the run name (from what shapes the result, the
+    resolved global batch included), and absolute local paths. Called once per command."""
+    from rn50_ray.core.run_plan import global_batch  # pure Python: the one rule for the global batch
+
+    cfg = dataclasses.replace(cfg, batch=dataclasses.replace(cfg.batch, global_size=global_batch(cfg.batch, cfg.max_workers)))
+    name = cfg.run.name or f"rn50-{cfg.data.backend}-{cfg.fingerprint()}"  # the data path as given: same command, same name
     data = dataclasses.replace(cfg.data, path=absolute(cfg.data.path) if cfg.data.path else "")
-    run = cfg.run
-    name = run.name or f"rn50-{cfg.data.backend}-{cfg.fingerprint()}"
-    run = dataclasses.replace(run, name=name, storage=absolute(run.storage))
-    return dataclasses.replace(cfg, data=data, batch=batch, run=run)
+    run = dataclasses.replace(cfg.run, name=name, storage=absolute(cfg.run.storage))
+    return dataclasses.replace(cfg, data=data, run=run)
 
 
 def is_remote(path: str) -> bool:

@@ -154,7 +154,12 @@ class ScaleConfig:
     )
     gpus_per_worker: float = _opt(0.0, "GPUs per worker; 0 trains on CPU with gloo", check=NON_NEGATIVE)
     cpus_per_worker: float = _opt(1.0, "CPUs reserved per worker", check=POSITIVE)
-    max_failures: int = _opt(0, "worker-group failures to retry; -1 is unlimited", check=(lambda v: v >= -1, "an integer >= -1"))
+    max_failures: int = _opt(
+        10,
+        "worker-group failures (a crashed worker, a lost node) to recover from, each from the last checkpoint; -1 is "
+        "unlimited, 0 ends the run at the first. Preemptions with notice and bad input are not counted",
+        check=(lambda v: v >= -1, "an integer >= -1"),
+    )
     address: str = _opt("", "Ray address; empty starts a local Ray (or joins RAY_ADDRESS)")
     check_resources: bool = _opt(True, "fail fast when the cluster cannot place MIN workers (off for autoscalers)")
     resize_interval_s: float = _opt(60.0, "seconds between checks for room to grow an elastic run", check=NON_NEGATIVE)
@@ -174,6 +179,12 @@ class RunOptions:
     keep_checkpoints: int = _opt(3, "newest checkpoints to keep", check=POSITIVE)
     stop_after_epochs: int = _opt(0, "stop (resumably) after this many epochs of this run; 0 runs to the end", check=NON_NEGATIVE)
     init_from: str = _opt("", "a checkpoint folder of another run to start from, with this config's hyperparameters (PBT)")
+    storage_retry_s: float = _opt(
+        600.0,
+        "how long a stalled, throttling or unreachable store is waited for (retries with backoff) before the run stops, "
+        "saying so; training waits meanwhile",
+        check=POSITIVE,
+    )
 
 
 @dataclass

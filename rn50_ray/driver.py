@@ -8,7 +8,6 @@ checkpoint snapshot (see rn50_ray/worker.py for the workers' side).
 from __future__ import annotations
 
 import os
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,42 +18,20 @@ import ray.train
 import ray.train.torch
 import yaml
 
-from rn50_ray import run_folder, tracking
-from rn50_ray.config import Config, parse_resources, resolve
+from rn50_ray import error_log, run_folder, tracking
+from rn50_ray.config import Config, parse_resources
 from rn50_ray.core.checkpoint import step_of
 from rn50_ray.core.per_class import PER_CLASS_FILE, rows_from_csv, worst
-from rn50_ray.data.backends import uses_dali
-from rn50_ray.data.folder import check_batch_fits, check_dataset
-from rn50_ray.data.screen import bad_image_error, find_bad_images
+from rn50_ray.data.checks import dataset_ref, plan_for, usable_dataset
+from rn50_ray.data.types import Dataset
 from rn50_ray.errors import ConfigError, UserError, find_user_error
 from rn50_ray.run_folder import run_uri
+from rn50_ray.storage import Retrying
+from rn50_ray.tracking.credentials import for_server
 from rn50_ray.tracking.sink import MetricSink
 from rn50_ray.worker import train_loop_per_worker
 
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
-
-
-def precheck_data(cfg: Config) -> list[str]:
-    """Check the folder layout and screen the images on the driver, before any worker starts or
-    output is written. Returns the undecodable files to leave out (under --skip-bad-images)."""
-    if cfg.data.backend == "synthetic":
-        return []
-    train, val = check_dataset(cfg.data.path)
-    bad: dict[str, str] = {}
-    if cfg.data.screen_images:
-        t0 = time.perf_counter()
-        bad = find_bad_images((p for split in (train, val) for p, _ in split.samples), dali=uses_dali(cfg.data.backend))
-        print(f"data: screened {len(train) + len(val)} images in {time.perf_counter() - t0:.1f} s, {len(bad)} undecodable")
-        if bad and not cfg.data.skip_bad_images:
-            raise bad_image_error(bad)
-        train = train.without(bad)
-    check_batch_fits(train, cfg.batch.global_size)
-    if cfg.model.num_classes and cfg.model.num_classes < len(train.classes):
-        raise ConfigError(
-            f"model.num_classes: expected at least the {len(train.classes)} classes of "
-            f"{cfg.data.path}, got {cfg.model.num_classes}"
-        )
-    return sorted(bad)
 
 
 def check_existing_run(cfg: Config) -> bool:
@@ -72,6 +49,26 @@ def check_existing_run(cfg: Config) -> bool:
             f"(differs in {', '.join(diff[:6])}); pass a new --name to start a new run"
         )
     return True
+
+
+def store(cfg: Config) -> Retrying:
+    """The driver's storage operations, riding out transient faults as the workers' do (rn50_ray/storage.py)."""
+    uri = run_uri(cfg)
+
+    def last() -> str | None:
+        names = run_folder.checkpoints(uri)
+        return run_folder.join(uri, names[-1]) if names else None
+
+    return Retrying(cfg.run.storage, cfg.run.storage_retry_s, lambda line: print(line, flush=True), last)
+
+
+def check_storage(cfg: Config) -> None:
+    """Write and remove a small file in the run folder, and clear what failed writes of an earlier start left."""
+    uri = run_uri(cfg)
+    probe = ".rn50-write-check"
+    store(cfg)("a write check", lambda: (run_folder.write_file(uri, probe, "ok"), run_folder.delete_file(uri, probe)))
+    if left := run_folder.remove_partial(uri):
+        print(f"storage: removed what failed writes left in {uri}: {', '.join(sorted(left))}", flush=True)
 
 
 def connect(cfg: Config) -> None:
@@ -115,8 +112,20 @@ def check_resources(cfg: Config) -> None:
         )
 
 
+class EndOnUserError(ray.train.UserCallback):
+    """Runs in Ray Train's controller. A worker that stopped on bad input (a DataError, a ConfigError) or on a
+    storage fault retrying does not fix (a full disk, a read-only store) fails the same way at every retry: the
+    run ends at once, with that one line, instead of spending scale.max_failures on it."""
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        for error in worker_exceptions.values():
+            if message := find_user_error(error):
+                error_log.install()  # the controller's traceback of this: to the log file, not the terminal
+                raise UserError(message)
+
+
 def build_trainer(
-    cfg: Config, bad_files: list[str] | None = None, tracker=None, callbacks: list | None = None
+    cfg: Config, dataset: Dataset | None, tracker=None, callbacks: list | None = None
 ) -> ray.train.torch.TorchTrainer:
     gpus = cfg.scale.gpus_per_worker
     workers: int | tuple[int, int] = cfg.min_workers if cfg.min_workers == cfg.max_workers else (cfg.min_workers, cfg.max_workers)
@@ -128,7 +137,7 @@ def build_trainer(
     )
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_uri": run_uri(cfg), "bad_files": bad_files or [], "tracker": tracker},
+        train_loop_config={"config": cfg.to_dict(), "run_uri": run_uri(cfg), "dataset": dataset_ref(dataset), "tracker": tracker},
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if gpus else "gloo"),
         scaling_config=scaling,
         run_config=ray.train.RunConfig(
@@ -137,7 +146,7 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=cfg.scale.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            callbacks=callbacks or [],
+            callbacks=[EndOnUserError(), *(callbacks or [])],
         ),
     )
 
@@ -157,15 +166,17 @@ def start_sink(cfg: Config, tracked: tracking.TrackedRun, rewind_to: int | None 
         write_file=partial(run_folder.write_file, uri),
         system_metrics=cfg.tracking.system_metrics,
         rewind_to=rewind_to,
+        credentials=for_server(tracked.uri),  # the driver's, as an argument: never in a runtime_env
     )
 
 
-def run_training(cfg: Config, *, callbacks: list | None = None, bad_files: list[str] | None = None) -> dict[str, Any]:
-    """Driver: check, connect, open the MLflow run, train, log the results; rank 0's summary.
-    A Tune trial passes its report callback, and the bad files its search found once."""
-    cfg = resolve(cfg)
-    bad_files = precheck_data(cfg) if bad_files is None else bad_files
+def run_training(cfg: Config, *, callbacks: list | None = None, rescan: bool = False) -> dict[str, Any]:
+    """Driver of a resolved config (config.resolve): check, connect, open the MLflow run, train, log the results;
+    rank 0's summary. A Tune trial passes its report callback."""
+    dataset = usable_dataset(cfg, rescan=rescan)  # the folder's manifest: read, or built once per folder version
+    check_storage(cfg)  # a full, read-only or stalled store: waited for, or one line now, before any worker starts
     resuming = check_existing_run(cfg)
+    tracking.check_tracking(cfg)  # unreachable, or refusing these credentials: one line now, before Ray starts
     connect(cfg)
     if cfg.scale.check_resources:
         check_resources(cfg)
@@ -173,13 +184,13 @@ def run_training(cfg: Config, *, callbacks: list | None = None, bad_files: list[
     print("resolved config:\n" + "\n".join("  " + ln for ln in cfg.to_yaml().splitlines()), flush=True)
     uri = run_uri(cfg)
     tracked = tracking.open_run(cfg, uri, partial(run_folder.read_file, uri), partial(run_folder.write_file, uri))
-    run_folder.write_file(uri, "config.yaml", cfg.to_yaml())
+    store(cfg)("config.yaml", lambda: run_folder.write_file(uri, "config.yaml", cfg.to_yaml()))
     has_own = bool(run_folder.checkpoints(uri))
     rewind = step_of(cfg.run.init_from) if cfg.run.init_from and not has_own else None
     sink = start_sink(cfg, tracked, rewind) if tracked else None
     status = "FAILED"
     try:
-        result = build_trainer(cfg, bad_files, sink, callbacks).fit()
+        result = build_trainer(cfg, dataset, sink, callbacks).fit()
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -210,7 +221,7 @@ def run_training(cfg: Config, *, callbacks: list | None = None, bad_files: list[
     if per_class:
         summary["worst_classes"] = worst(rows_from_csv(per_class))
     if tracked:
-        tracking.log_run_folder(cfg, tracked, uri, summary["best_checkpoint"] or summary["checkpoint"])
+        tracking.log_run_folder(cfg, plan_for(cfg, dataset), tracked, uri, summary["best_checkpoint"] or summary["checkpoint"])
         summary["mlflow"] = f"run {tracked.run_id} at {tracked.uri}"
         if tracked.uri.startswith(("http://", "https://")):
             summary["mlflow_url"] = tracking.ui_url(tracked.uri, tracked.experiment_id, tracked.run_id)

@@ -15,6 +15,10 @@ class DataError(UserError):
     """The data folder or one of its files is missing, empty or undecodable."""
 
 
+class StorageError(UserError):
+    """The run's storage failed in a way retrying does not fix (rn50_ray/storage.py)."""
+
+
 def find_user_error(exc: BaseException) -> str | None:
     """Return the one-line message of a UserError anywhere in `exc`'s chain, or None.
 
@@ -30,7 +34,7 @@ def find_user_error(exc: BaseException) -> str | None:
             continue
         seen.add(id(err))
         text = str(err)
-        for cls in ("DataError", "ConfigError", "UserError"):
+        for cls in ("DataError", "ConfigError", "StorageError", "UserError"):
             marker = f"rn50_ray.errors.{cls}: "
             if marker in text:  # a copy re-raised with the worker's traceback in its text
                 return text.rsplit(marker, 1)[1].strip().splitlines()[0]
@@ -40,5 +44,7 @@ def find_user_error(exc: BaseException) -> str | None:
             failures = getattr(err, name, None)
             if isinstance(failures, dict):
                 stack.extend(v for v in failures.values() if isinstance(v, BaseException))
+        if isinstance(getattr(err, "controller_failure", None), BaseException):  # a controller callback's
+            stack.append(err.controller_failure)
         stack.extend(e for e in (err.__cause__, err.__context__) if e is not None)
     return None

@@ -1,23 +1,25 @@
-"""`evaluate`: a checkpoint's top-1, top-5 and loss on the val split, in one process without Ray."""
+"""`evaluate`: a checkpoint's top-1, top-5 and loss on the val split, in one process without Ray. The val split
+comes from the data folder's manifest (built once if the folder has none); no train pipeline is built."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 
 from rn50_ray import run_folder
 from rn50_ray.config import Config
-from rn50_ray.core.batching import plan_batches
 from rn50_ray.core.checkpoint import load_checkpoint
 from rn50_ray.core.evaluation import evaluate
 from rn50_ray.core.model import build_model, model_kwargs
 from rn50_ray.core.per_class import per_class_rows
 from rn50_ray.core.recipe import WeightEMA
+from rn50_ray.core.run_plan import plan_run
 from rn50_ray.core.step import resolve_precision
 from rn50_ray.core.trainer import input_format
-from rn50_ray.data.loaders import make_loaders
+from rn50_ray.data.backends import uses_dali
+from rn50_ray.data.loaders import make_val_batches
+from rn50_ray.data.manifest import open_dataset
 from rn50_ray.data.types import Shard
 
 
@@ -39,42 +41,46 @@ def evaluate_checkpoint(
     workers: int = 2,
     flip_tta: bool | None = None,
     image_size: int | None = None,
+    rescan: bool = False,
 ) -> dict[str, Any]:
     """`path` is a checkpoint folder (or its state.pt), local or a storage URI (s3://...). The val pipeline,
     its size and flip TTA are the run's unless given."""
     dev = pick_device(device)
     with run_folder.local_copy(path) as local:
         state = load_checkpoint(local)
-    cfg = Config.from_dict(state["config"], source=f"{path} (stored config)")
-    data_cfg = dataclasses.replace(
-        cfg.data,
-        path=data or cfg.data.path,
-        loader_workers=workers,
-        val_image_size=image_size or cfg.data.val_image_size,
-        val_batch=batch_size,
-        # the val pipeline training used, on this device (dali-cpu without a GPU)
-        backend="auto" if cfg.data.backend.startswith("dali") else cfg.data.backend,
+    stored = Config.from_dict(state["config"], source=f"{path} (stored config)")
+    flip = stored.eval.flip_tta if flip_tta is None else flip_tta
+    backend = stored.data.backend
+    cfg = stored.with_overrides(
+        {
+            "data.path": data or stored.data.path,
+            "data.loader_workers": workers,
+            "data.val_image_size": image_size or stored.data.val_image_size,
+            "data.val_batch": batch_size,
+            # the val pipeline training used, on this device (dali-cpu without a GPU); a data folder, not noise
+            "data.backend": "auto" if backend.startswith("dali") or backend == "synthetic" else backend,
+            "scale.workers": "1",
+            "batch.global_size": 1,
+        },
+        "evaluate",
     )
-    flip = cfg.eval.flip_tta if flip_tta is None else flip_tta
+    dataset = open_dataset(cfg.data.path, stored.run.storage, rescan=rescan, screen=cfg.data.screen_images)
+    val = dataset.val.without(dataset.unusable(dali=uses_dali(cfg.data.backend)))
+    plan = plan_run(cfg, len(dataset.train))
     layout = input_format(cfg, dev)  # the batches training's validation had
-    plan = plan_batches(batch_size, 1, batch_size)
-    loaders = make_loaders(data_cfg, Shard(0, 1, dev), plan, seed=cfg.system.seed, **layout)
+    batches = make_val_batches(cfg, Shard(0, 1, dev), plan, val, **layout)
     num_classes = state["num_classes"]
     model = build_model(**model_kwargs(cfg.model, num_classes, layout["channels_last"])).to(dev)
     model.load_state_dict(state["model"])
     precision = resolve_precision(cfg.system.precision, dev)
-    result: dict[str, Any] = evaluate(model, loaders.val.batches(), num_classes, precision, dev, flip, confusion=True)
-    result["per_class"] = per_class_rows(result.pop("confusion"), loaders.classes, loaders.class_names)
+    result: dict[str, Any] = evaluate(model, batches.batches(), num_classes, precision, dev, flip, confusion=True)
+    result["per_class"] = per_class_rows(result.pop("confusion"), val.classes, val.names)
     result.update(
-        images=loaders.val_size,
-        image_size=data_cfg.val_image_size or data_cfg.image_size,
-        flip_tta=flip,
-        epoch=state["progress"]["epoch"],
-        step=state["progress"]["step"],
+        images=len(val), image_size=plan.val_size, flip_tta=flip, epoch=state["progress"]["epoch"], step=state["progress"]["step"]
     )
     if state.get("ema"):
         ema = WeightEMA(model, cfg.optim.ema_decay or 0.9999)
         ema.load_state_dict(state["ema"])
-        ema_result = evaluate(ema.module, loaders.val.batches(), num_classes, precision, dev, flip)
+        ema_result = evaluate(ema.module, batches.batches(), num_classes, precision, dev, flip)
         result.update({f"ema_{k}": v for k, v in ema_result.items()})
     return result

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rn50_ray.config import Config, choices_of, field_help, load_config, merge, parse_override, read_yaml
+from rn50_ray.config import Config, check_consistency, choices_of, field_help, merge, parse_override, read_yaml
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -70,40 +70,51 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
             flag, dest=key, default=None, help=f"{key}: {helps[key]}", **({"choices": choices} if choices else {}), **opts
         )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. optim.nesterov=true")
+    add_rescan_arg(p)
+
+
+def add_rescan_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--rescan",
+        action="store_true",
+        help="list and screen the data folder again and rewrite its manifest (after files were rewritten in place)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Recipe and config files, then the flags (each checked under its own name), then --set. A recipe's warmup
-    that no longer fits a shorter --epochs is scaled with it, and a line says so."""
+    """Defaults, then the recipe and config files, then the flags (each checked under its own name), then --set:
+    each file read once. A recipe's warmup that no longer fits a shorter --epochs is scaled with it, and a line
+    says so."""
     files = list(args.config)
     if args.recipe:
         files.insert(0, str(RECIPES / f"{args.recipe}.yaml"))
     cfg = Config()
     for path in files:
         cfg = merge(cfg, read_yaml(path, "config file"), str(path))
-    flags = {flag: key for flag, (key, _) in TRAIN_FLAGS.items()}
-    overrides: dict[str, Any] = {}
-    for flag, key in flags.items():
+    files_cfg, overrides = cfg, {}
+    for flag, (key, _) in TRAIN_FLAGS.items():
         value = getattr(args, key)
         if value is not None:
-            merge(cfg, {key: value}, flag)  # checks the value, naming the flag
+            cfg = merge(cfg, {key: value}, flag)  # checked, naming the flag
             overrides[key] = value
-    overrides.update(dict(parse_override(s) for s in args.set))
-    _scale_warmup(cfg, overrides)
-    return load_config(files, overrides)
+    sets = dict(parse_override(s) for s in args.set)
+    cfg = merge(cfg, sets, "command line")
+    overrides.update(sets)
+    return check_consistency(_scale_warmup(files_cfg, cfg, overrides))
 
 
-def _scale_warmup(cfg: Config, overrides: dict[str, Any]) -> None:
+def _scale_warmup(files_cfg: Config, cfg: Config, overrides: dict[str, Any]) -> Config:
     """NVIDIA's recipes warm up for 8 of 90 epochs; asked for fewer epochs than that, the warmup shrinks in
-    proportion (as if the recipe were written for that length), unless --warmup-epochs says otherwise."""
-    epochs, warmup = overrides.get("schedule.epochs"), cfg.schedule.warmup_epochs
+    proportion (as if the recipe were written for that length), unless --warmup-epochs says otherwise.
+    `files_cfg` is the config of the files alone, `cfg` with the command line's `overrides` on it."""
+    epochs, warmup = overrides.get("schedule.epochs"), files_cfg.schedule.warmup_epochs
     if not isinstance(epochs, int) or "schedule.warmup_epochs" in overrides or not 0 < epochs <= warmup:
-        return
-    scaled = round(warmup * epochs / cfg.schedule.epochs, 3)
-    overrides["schedule.warmup_epochs"] = scaled
+        return cfg
+    scaled = round(warmup * epochs / files_cfg.schedule.epochs, 3)
     print(
-        f"note: schedule.warmup_epochs: the recipe's {warmup:g} of {cfg.schedule.epochs} epochs is scaled to {scaled:g} "
-        f"for {epochs} epochs; pass --warmup-epochs to choose",
+        f"note: schedule.warmup_epochs: the recipe's {warmup:g} of {files_cfg.schedule.epochs} epochs is scaled to "
+        f"{scaled:g} for {epochs} epochs; pass --warmup-epochs to choose",
         file=sys.stderr,
         flush=True,
     )
+    return merge(cfg, {"schedule.warmup_epochs": scaled}, "--epochs")

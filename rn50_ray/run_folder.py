@@ -50,13 +50,69 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def storage_of(run: str) -> str:
+    """The storage a run folder lies in (run.storage), for messages about it."""
+    return parent(run)
+
+
 def write_file(run: str, name: str, text: str) -> None:
+    """Whole or not at all: a temporary file (`.NAME.tmp`, removed when the write fails), then a rename."""
     fs, base = filesystem(run)
     fs.create_dir(base, recursive=True)
     tmp = f"{base}/.{name}.tmp"
-    with fs.open_output_stream(tmp) as f:
-        f.write(text.encode())
-    fs.move(tmp, f"{base}/{name}")  # atomic on local disks; object stores replace whole objects anyway
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(text.encode())
+        fs.move(tmp, f"{base}/{name}")  # atomic on local disks; object stores replace whole objects anyway
+    except BaseException:
+        _remove_quietly(fs, tmp, folder=False)
+        raise
+
+
+def delete_file(run: str, name: str) -> None:
+    fs, base = filesystem(run)
+    fs.delete_file(f"{base}/{name}")
+
+
+def put_folder(local: str, fs: pafs.FileSystem, dest: str) -> None:
+    """Copy a local folder to `dest` on `fs` so that it appears whole or not at all: on a local file system
+    through `.tmp_NAME` and a rename; on an object store, where a prefix has no rename, the partial objects
+    are removed when the copy fails. A folder of that name is replaced (the same step trained again)."""
+    tmp = posixpath.join(posixpath.dirname(dest), f".tmp_{posixpath.basename(dest)}")
+    local_fs = isinstance(fs, pafs.LocalFileSystem)
+    target = tmp if local_fs else dest
+    try:
+        fs.create_dir(target, recursive=True)
+        pafs.copy_files(local, target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        if local_fs:
+            if fs.get_file_info(dest).type != pafs.FileType.NotFound:
+                fs.delete_dir(dest)
+            fs.move(tmp, dest)
+    except BaseException:
+        _remove_quietly(fs, target, folder=True)
+        raise
+
+
+def _remove_quietly(fs: pafs.FileSystem, path: str, folder: bool) -> None:
+    """Best effort: the store that failed the write may refuse the cleanup too; names starting with a dot are
+    ignored by every reader, and the next start removes them (remove_partial)."""
+    try:
+        fs.delete_dir(path) if folder else fs.delete_file(path)
+    except OSError:
+        pass
+
+
+def remove_partial(run: str) -> list[str]:
+    """Delete what failed writes left in a run folder (`.tmp_*` folders, `.*.tmp` files); their names."""
+    fs, base = filesystem(run)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))
+    except (FileNotFoundError, OSError):
+        return []
+    left = [i for i in infos if i.base_name.startswith(".tmp_") or (i.base_name.startswith(".") and i.base_name.endswith(".tmp"))]
+    for info in left:
+        _remove_quietly(fs, info.path, folder=info.type == pafs.FileType.Directory)
+    return [i.base_name for i in left]
 
 
 def read_file(run: str, name: str) -> str | None:
@@ -68,12 +124,17 @@ def read_file(run: str, name: str) -> str | None:
         return None
 
 
-def folders(run: str, prefix: str) -> list[str]:
-    """The names of the run's sub-folders that start with `prefix`, sorted (checkpoints sort by epoch and step)."""
+def folders(run: str, prefix: str, strict: bool = False) -> list[str]:
+    """The names of the run's sub-folders that start with `prefix`, sorted (checkpoints sort by epoch and step).
+    A missing run folder has none; a store that fails the listing has none too, unless `strict` (then it raises)."""
     fs, base = filesystem(run)
     try:
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:
+        return []
+    except OSError:
+        if strict:
+            raise
         return []
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix))
 

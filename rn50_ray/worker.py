@@ -1,8 +1,8 @@
 """The Ray Train side of a run: each worker's function, and the TrainContext it gives the training loop.
 
 Resume is Ray Train V2's own: `ray.train.get_checkpoint()` hands every worker the latest checkpoint, after a
-driver restart, a worker failure or an elastic resize alike; the worker then rebuilds everything that
-depends on the world size (batch plan, shards) from the config.
+driver restart, a worker failure or an elastic resize alike; the worker then plans the run for its world size
+(core/run_plan.py) and reads the data folder's manifest that its driver checked (it never scans the folder).
 """
 
 from __future__ import annotations
@@ -14,20 +14,20 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
 
-from rn50_ray import run_folder
+from rn50_ray import error_log, run_folder
 from rn50_ray.config import Config
 from rn50_ray.core.checkpoint import BEST_PREFIX, CHECKPOINT_PREFIX
+from rn50_ray.storage import Retrying
 
 
 class RayContext:
     """TrainContext over ray.train: rank, device, checkpoints and reports."""
 
-    def __init__(self, run_uri: str, tracker=None, init_from: str = ""):
+    def __init__(self, run_uri: str, tracker=None, init_from: str = "", storage_retry_s: float = 600.0):
         tctx = ray.train.get_context()
         self.world_rank, self.world_size = tctx.get_world_rank(), tctx.get_world_size()
         self.device = ray.train.torch.get_device()  # the index into CUDA_VISIBLE_DEVICES, not a physical id
@@ -38,6 +38,10 @@ class RayContext:
         # Ray Train's watcher learns of drains at this interval (its default: 5 s); asking more often only
         # costs: each ask is a barrier through an actor (docs/PERFORMANCE.md, "Preemption asks").
         self.preemption_poll_s = float(os.environ.get("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", 5.0))
+        self.stored = ""  # the newest checkpoint this start stored (or resumed from): what a rerun resumes from
+        self.storage = Retrying(
+            run_folder.storage_of(run_uri), storage_retry_s, self.log, lambda: self.stored or None, details=error_log.path()
+        )
 
     @contextlib.contextmanager
     def open_checkpoint(self) -> Iterator[str | None]:
@@ -51,6 +55,8 @@ class RayContext:
             yield None
             return
         self.latest = run_folder.basename(ckpt.path)
+        if not self.from_init:
+            self.stored = run_folder.join(self.run_uri, self.latest)
         with ckpt.as_directory() as path:
             yield path
 
@@ -62,17 +68,10 @@ class RayContext:
     def save_best(self, checkpoint_dir: str, name: str) -> None:
         fs, base = run_folder.filesystem(self.run_uri)
         final = f"{base}/{BEST_PREFIX}{name}"
-        local = isinstance(fs, pafs.LocalFileSystem)
-        target = f"{base}/.tmp_{BEST_PREFIX}{name}" if local else final  # object stores have no folder rename
-        fs.create_dir(target, recursive=True)
-        pafs.copy_files(checkpoint_dir, target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-        if local:
-            if fs.get_file_info(final).type != pafs.FileType.NotFound:
-                fs.delete_dir(final)  # the same step trained again after a restart
-            fs.move(target, final)
-        for old in run_folder.folders(self.run_uri, BEST_PREFIX):
+        self.storage(f"best checkpoint {name}", lambda: run_folder.put_folder(checkpoint_dir, fs, final))
+        for old in self.storage("listing best checkpoints", lambda: run_folder.folders(self.run_uri, BEST_PREFIX, strict=True)):
             if f"{base}/{old}" != final:
-                fs.delete_dir(f"{base}/{old}")
+                self.storage(f"removing {old}", lambda old=old: fs.delete_dir(f"{base}/{old}"))
 
     def preemption(self) -> dict[str, Any] | None:
         info = ray.train.get_preemption_info()  # a barrier: every rank calls it at the same steps
@@ -85,12 +84,22 @@ class RayContext:
         if self.tracker is not None:  # in MLflow before Tune sees the report and may stop the trial
             ray.get(self.tracker.settle.remote())
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{name}")
+        upload = self._upload if ckpt is not None else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{name}", checkpoint_upload_fn=upload)
         if ckpt is not None and self.world_rank == 0:
             # The controller registers a reported checkpoint when it next polls; a group that dies before
             # then resumes from the one before. Waiting here (the other ranks wait at the next all-reduce)
             # bounds the loss to checkpoint_every_steps.
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+    def _upload(self, checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        """Ray's upload, riding out storage faults: a stalled or throttling store is waited for (run.storage_retry_s),
+        a full or read-only one ends the run in one line; the folder appears whole or not at all."""
+        storage = ray.train.get_context().get_storage()
+        fs, dest = storage.storage_filesystem, storage.build_checkpoint_path_from_name(dir_name)
+        self.storage(f"checkpoint {dir_name}", lambda: run_folder.put_folder(checkpoint.path, fs, dest))
+        self.stored = run_folder.join(self.run_uri, dir_name)
+        return ray.train.Checkpoint(dest, filesystem=fs)
 
     def track_start(self, step: int, tags: dict[str, Any]) -> None:
         if self.tracker is not None:
@@ -101,7 +110,7 @@ class RayContext:
             self.tracker.log.remote(metrics, step)
 
     def write_text(self, name: str, text: str) -> None:
-        run_folder.write_file(self.run_uri, name, text)
+        self.storage(name, lambda: run_folder.write_file(self.run_uri, name, text))
 
     def log(self, line: str) -> None:
         if self.world_rank == 0:
@@ -119,23 +128,18 @@ def _quiet_report_log() -> None:
 def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
     # Imported here, not at the top: the driver never trains, and torchvision (with torch._dynamo) would
     # add to its startup before Ray even starts the workers (docs/PERFORMANCE.md, "framework overhead").
-    from rn50_ray.core.batching import plan_batches
     from rn50_ray.core.loop import fit
     from rn50_ray.core.trainer import input_format
+    from rn50_ray.data.checks import plan_for, worker_dataset
     from rn50_ray.data.loaders import make_loaders
     from rn50_ray.data.types import Shard
 
     _quiet_report_log()
+    error_log.install()  # a UserError's traceback goes to a log file; its one line reaches the terminal
     cfg = Config.from_dict(payload["config"], source="worker config")
-    ctx = RayContext(payload["run_uri"], payload.get("tracker"), cfg.run.init_from)
-    plan = plan_batches(cfg.batch.global_size, ctx.world_size, cfg.batch.per_worker)
-    loaders = make_loaders(
-        cfg.data,
-        Shard(ctx.world_rank, ctx.world_size, ctx.device),
-        plan,
-        seed=cfg.system.seed,
-        bad_files=payload.get("bad_files", ()),
-        resolution=cfg.resolution,
-        **input_format(cfg, ctx.device),
-    )
+    ctx = RayContext(payload["run_uri"], payload.get("tracker"), cfg.run.init_from, cfg.run.storage_retry_s)
+    dataset = worker_dataset(payload["dataset"], cfg)  # the manifest the driver checked: no scan
+    plan = plan_for(cfg, dataset, ctx.world_size)
+    shard = Shard(ctx.world_rank, ctx.world_size, ctx.device)
+    loaders = make_loaders(cfg, shard, plan, dataset, **input_format(cfg, ctx.device))
     return fit(cfg, ctx, loaders, plan)

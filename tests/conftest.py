@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -97,10 +98,13 @@ def launch(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict 
 
 
 def watch(
-    cmd: list[str], actions: list[tuple[str, Callable[[str, subprocess.Popen], None]]], timeout: float = 600
+    cmd: list[str],
+    actions: list[tuple[str, Callable[[str, subprocess.Popen], None]]],
+    timeout: float = 600,
+    env: dict | None = None,
 ) -> tuple[int, str]:
     """Run the driver; when a line holds the next marker, run its action (line, driver process). Returns (status, output)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**(env or os.environ), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines, deadline = [], time.time() + timeout
     for line in proc.stdout:
@@ -113,6 +117,57 @@ def watch(
     status = proc.wait()
     assert not actions, f"never saw {actions[0][0]!r}:\n{''.join(lines)[-4000:]}"
     return status, "".join(lines)
+
+
+@dataclass
+class Listed:
+    """A split as tests read it: classes, and (absolute path, label) per image in the manifest's order."""
+
+    classes: tuple[str, ...]
+    samples: list[tuple[str, int]]
+    duplicates: int = 0
+    ignored: int = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def listed(root) -> tuple[Listed, Listed]:
+    """The train and val splits of a data folder, from its manifest (built beside it on first use)."""
+    from rn50_ray.data.manifest import open_dataset
+
+    dataset = open_dataset(str(root), str(root), log=lambda line: None)
+    return tuple(  # type: ignore[return-value]
+        Listed(s.classes, [(s.file(i), int(s.labels[i])) for i in range(len(s))], s.duplicates, s.ignored)
+        for s in (dataset.train, dataset.val)
+    )
+
+
+def run_config(data, backend: str = "pytorch", *, world: int = 1, global_batch: int = 20, per_worker: int = 20, size: int = 32,
+               seed: int = 0, skip: bool = False, val_batch: int = 0, loader_workers: int | None = None, **extra):  # fmt: skip
+    """A resolved config for `world` workers on the folder `data` (its manifest is built beside it on first use)."""
+    from rn50_ray.config import load_config, resolve
+
+    workers = loader_workers if loader_workers is not None else (0 if backend == "pytorch" else 1)
+    overrides = {
+        "data.path": str(data), "data.backend": backend, "data.image_size": size, "data.loader_workers": workers,
+        "data.skip_bad_images": skip, "data.val_batch": val_batch, "batch.global_size": global_batch,
+        "batch.per_worker": per_worker, "system.seed": seed, "scale.workers": str(world), **extra,
+    }  # fmt: skip
+    return resolve(load_config([], overrides))
+
+
+def loaders_for(data, backend: str = "pytorch", *, rank: int = 0, world: int = 1, channels_last: bool = False,
+                fp16_input: bool = False, **options):  # fmt: skip
+    """Rank `rank` of `world`'s loaders over the folder `data`, as a worker makes them (run_config's options)."""
+    import torch
+
+    from rn50_ray.data.loaders import open_loaders
+    from rn50_ray.data.types import Shard
+
+    cfg = run_config(data, backend, world=world, **options)
+    shard = Shard(rank, world, torch.device("cpu"))
+    return open_loaders(cfg, shard, channels_last=channels_last, fp16_input=fp16_input, log=lambda line: None)[1]
 
 
 # Overrides for short CPU runs on the 32 px samples (the cpu_demo recipe does the rest).

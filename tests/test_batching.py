@@ -12,13 +12,12 @@ import torch
 from ranks import run_ranks
 from torch import nn
 
-from rn50_ray.config import load_config
+from rn50_ray.config import load_config, resolve
 from rn50_ray.core import trainer as trainer_module
-from rn50_ray.core.batching import plan_batches
 from rn50_ray.core.checkpoint import load_checkpoint
 from rn50_ray.core.context import LocalContext
 from rn50_ray.core.loop import fit
-from rn50_ray.data.loaders import make_loaders
+from rn50_ray.data.loaders import open_loaders
 from rn50_ray.data.types import Shard
 
 
@@ -45,13 +44,13 @@ def _train(rank: int, world: int, data: str, run_dir: str, backend: str) -> dict
             "system.precision": "fp32", "optim.lr_per_256": 0.1, "run.log_every": 1, "model.zero_init_last_bn": True,
         },
     )  # fmt: skip
-    plan = plan_batches(24, world, 4)
-    loaders = make_loaders(cfg.data, Shard(rank, world, torch.device("cpu")), plan, seed=0, channels_last=False)
+    shard = Shard(rank, world, torch.device("cpu"))
+    plan, loaders = open_loaders(resolve(cfg), shard, channels_last=False, log=lambda line: None)
     ctx = LocalContext(run_dir, quiet=True, rank=rank, world_size=world)
     fit(cfg, ctx, loaders, plan)
     losses = [m["train/loss_step"] for _, m in ctx.tracked if "train/loss_step" in m]
     weights = load_checkpoint(ctx.latest_checkpoint())["model"] if rank == 0 else None
-    return {"losses": losses, "weights": weights, "accum": plan.accum(rank), "share": plan.share(rank)}
+    return {"losses": losses, "weights": weights, "accum": plan.batch.accum(rank), "share": plan.batch.share(rank)}
 
 
 @pytest.fixture(scope="module")

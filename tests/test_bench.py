@@ -90,6 +90,7 @@ def test_bench_json_rows_carry_the_switches(tiny_data, capsys, fmt, channels_las
     assert row["img_per_s"] > 0 and math.isclose(row["img_per_s"], 4000 / row["step_ms"], rel_tol=1e-6)
 
 
+@pytest.mark.ray
 def test_overhead_bench_reads_all_three_sides_in_turns():
     # Real processes: a bare loop, a bare TorchTrainer and launch.py train, each on its own local Ray.
     # It proves the bench still parses each side's img/s lines (launch.py's log format included).

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rn50_ray.config import load_config
-from rn50_ray.core.batching import plan_batches
+from rn50_ray.config import load_config, resolve
 from rn50_ray.core.checkpoint import (
     ORPHAN_AGE_S,
     STATE_FILE,
@@ -23,8 +22,9 @@ from rn50_ray.core.checkpoint import (
 )
 from rn50_ray.core.context import LocalContext
 from rn50_ray.core.loop import fit
+from rn50_ray.core.run_plan import plan_run
 from rn50_ray.core.trainer import Trainer
-from rn50_ray.data.loaders import make_loaders
+from rn50_ray.data.loaders import open_loaders
 from rn50_ray.data.types import Shard
 from rn50_ray.errors import UserError
 
@@ -46,8 +46,7 @@ def _run(data, run_dir, init_from=None, **overrides):
             **overrides,
         },
     )
-    plan = plan_batches(20, 1, 20)
-    loaders = make_loaders(cfg.data, Shard(0, 1, torch.device("cpu")), plan, seed=0, channels_last=False)
+    plan, loaders = open_loaders(resolve(cfg), Shard(0, 1, torch.device("cpu")), channels_last=False, log=lambda line: None)
     ctx = LocalContext(run_dir, quiet=True, keep=cfg.run.keep_checkpoints, init_from=init_from)
     return fit(cfg, ctx, loaders, plan), ctx
 
@@ -174,7 +173,7 @@ def test_resume_loads_checkpoints_onto_the_cpu_whatever_the_device(tiny_data, tm
         assert path == ctx.latest_checkpoint()
         assert {t.device.type for t in (state["rng"]["torch"], state["model"]["fc.weight"])} == {"cpu"}
         cfg = load_config([], {"data.path": str(tiny_data), "system.precision": "fp32", "batch.global_size": 20})
-        trainer = Trainer(cfg, torch.device("cpu"), 10, plan_batches(20, 1, 20), 10)
+        trainer = Trainer(cfg, torch.device("cpu"), 10, plan_run(cfg, 200))
         torch.manual_seed(123)  # moved on: the load must put the saved generator state back
         trainer.load_state_dict(state)
     assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])

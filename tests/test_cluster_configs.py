@@ -40,6 +40,7 @@ def test_cluster_launcher_configs_pass_rays_validator(path: Path):
     head = " ".join(cfg["head_start_ray_commands"])
     assert "rn50_ray.tracking.server start --host" in head and "0.0.0.0 --port 5000" not in head  # a private address
     assert ":6379" in head.split("rn50_ray.tracking.server", 1)[1]  # the server ends with the Ray head
+    assert "--no-auth" not in head and "PASSWORD" not in path.read_text()  # authentication on; no password in a YAML
     for command in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
         assert "ulimit -n 65536" not in command  # never above the hard limit: the start prints no error
 
@@ -87,7 +88,13 @@ def test_kuberay_manifests_have_autoscaling_gpu_workers_and_the_train_entrypoint
         for c in (container, head):  # token auth in every container, the token from a Secret
             env = {e["name"]: e for e in c["env"]}
             assert env["RAY_AUTH_MODE"]["value"] == "token" and env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
+        # MLflow with authentication on: started on the head, its admin password from a Secret, never a literal
+        env = {e["name"]: e for e in head["env"]}
+        assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-admin", "key": "password"}
+        start = " ".join(head["lifecycle"]["postStart"]["exec"]["command"])
+        assert "rn50_ray.tracking.server start" in start and "--no-auth" not in start and "--watch 127.0.0.1:6379" in start
     assert job["spec"]["entrypoint"].startswith("python launch.py train ") and "--workers 8:64" in job["spec"]["entrypoint"]
+    assert "--mlflow-uri http://127.0.0.1:5000" in job["spec"]["entrypoint"]
     assert job["spec"]["shutdownAfterJobFinishes"] is True
 
 

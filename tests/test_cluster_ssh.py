@@ -16,6 +16,7 @@ import os
 import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -150,11 +151,18 @@ def _ray(cluster, *args: str, timeout: float = 300, check: bool = True, **env) -
     return _sh(str(BIN / "ray"), *args, env={**cluster["env"], **env}, cwd=ROOT, timeout=timeout, check=check)
 
 
-def _mlflow_run(name: str) -> dict:
+def _mlflow_run(home: Path, name: str) -> dict:
+    """The run's status and tags, read with the credentials the head's server start wrote for its user."""
     from mlflow import MlflowClient
 
-    client = MlflowClient("http://127.0.0.1:5000")
-    (run,) = client.search_runs([client.get_experiment_by_name("rn50-ray").experiment_id], f"attributes.run_name = '{name}'")
+    known = json.loads((home / ".rn50" / "mlflow-credentials.json").read_text())
+    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = known["username"], known["password"]
+    try:
+        client = MlflowClient("http://127.0.0.1:5000")
+        experiment = client.get_experiment_by_name("rn50-ray").experiment_id
+        (run,) = client.search_runs([experiment], f"attributes.run_name = '{name}'")
+    finally:
+        del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
     return {"status": run.info.status, **run.data.tags}
 
 
@@ -180,12 +188,22 @@ def _operate(ssh_cluster) -> None:
     status = _ray(ssh_cluster, "exec", config, "ray status")  # token auth in every shell the launcher opens
     assert "Node status" in status.stdout, status.stdout[-2000:] + status.stderr[-2000:]
     assert requests.get("http://127.0.0.1:5000/health", timeout=5).ok  # the head's tracking server
+    # ... with authentication on: refused without credentials; the password made at `ray up`, owner-only on the head
+    search = "http://127.0.0.1:5000/api/2.0/mlflow/experiments/search?max_results=1"
+    assert requests.get(search, timeout=10).status_code == 401
+    credentials = home / ".rn50" / "mlflow-credentials.json"
+    assert stat.S_IMODE(credentials.stat().st_mode) == 0o600 and credentials.stat().st_uid == pwd.getpwnam(USER).pw_uid
+    password = json.loads(credentials.read_text())["password"]
+    assert password not in Path(config).read_text()
+    exported = _ray(ssh_cluster, "exec", config, "python -m rn50_ray.tracking.server credentials --export")
+    assert f"MLFLOW_TRACKING_PASSWORD={password}" in exported.stdout  # the README's one command for a client
     # The operator's training run, as README's cluster section shows it.
     train = ("train", "--recipe", "cpu_demo", "--data", f"{home}/data", "--epochs", "1", "--warmup-epochs", "0.5",
              "--workers", "2", "--storage", f"{home}/nfs/runs", "--mlflow-uri", "http://127.0.0.1:5000")  # fmt: skip
     submitted = _ray(ssh_cluster, "submit", config, "launch.py", "--", *train, "--name", "submitted")
     assert "summary: 1 epochs" in submitted.stdout, submitted.stdout[-3000:] + submitted.stderr[-3000:]
-    assert _mlflow_run("submitted")["status"] == "FINISHED"
+    assert _mlflow_run(home, "submitted")["status"] == "FINISHED"
+    assert password not in submitted.stdout + submitted.stderr
     # A client with the README's exports submits a job; the commit it records comes from the client.
     commit = _sh("git", "rev-parse", "HEAD", cwd=ROOT).stdout.strip()
     job = _ray(
@@ -194,7 +212,7 @@ def _operate(ssh_cluster) -> None:
         "python", "launch.py", *train, "--name", "job", RAY_AUTH_MODE="token",
     )  # fmt: skip
     assert "succeeded" in job.stdout and "summary: 1 epochs" in job.stdout, job.stdout[-3000:]
-    tags = _mlflow_run("job")
+    tags = _mlflow_run(home, "job")
     assert tags["status"] == "FINISHED" and tags["git_commit"] == commit
     refused = _ray(ssh_cluster, "job", "list", "--address", "http://127.0.0.1:8265", check=False, RAY_AUTH_MODE="disabled")
     assert refused.returncode != 0  # without the token mode a client is turned away

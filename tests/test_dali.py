@@ -9,22 +9,16 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali", reason="needs nvidia-dali-cuda120 (in requirements.txt)")
 
-from rn50_ray.config import DataConfig
-from rn50_ray.core.batching import plan_batches
-from rn50_ray.data.folder import check_dataset
-from rn50_ray.data.loaders import make_loaders
-from rn50_ray.data.screen import bad_image_error, find_bad_images
-from rn50_ray.data.types import Shard
+from conftest import loaders_for
+
+from rn50_ray.data.manifest import open_dataset
+from rn50_ray.data.screen import bad_image_error
 from rn50_ray.errors import DataError
 
-CPU = torch.device("cpu")
 
-
-def _loaders(data, backend, *, per_rank=20, rank=0, world=1, seed=0, bad_files=(), skip=False, **layout):
-    cfg = DataConfig(path=str(data), backend=backend, image_size=32, loader_workers=1, skip_bad_images=skip)
-    layout = {"channels_last": False, **layout}
-    plan = plan_batches(per_rank * world, world, per_rank)
-    return make_loaders(cfg, Shard(rank, world, CPU), plan, seed=seed, bad_files=bad_files, **layout)
+def _loaders(data, backend, *, per_rank=20, rank=0, world=1, seed=0, skip=False, screen=True, **layout):
+    return loaders_for(data, backend, rank=rank, world=world, global_batch=per_rank * world, per_worker=per_rank, seed=seed,
+                       skip=skip, loader_workers=1, **{"data.screen_images": screen}, **layout)  # fmt: skip
 
 
 def test_dali_cpu_is_the_default_where_dali_is_installed(tiny_data):
@@ -65,7 +59,7 @@ def test_val_shards_of_unequal_length_cover_the_split_once(tiny_data):
     assert all(len(y) for rank in batches for y in rank)
     assert [sum(len(y) for y in rank) for rank in batches] == [16, 17, 17]
     got = sorted(torch.cat([y for rank in batches for y in rank]).tolist())
-    assert got == sorted(label for _, label in check_dataset(tiny_data)[1].samples)
+    assert got == sorted(open_dataset(str(tiny_data), str(tiny_data)).val.labels.tolist())
 
 
 def test_fp16_nhwc_batches_as_a_gpu_step_under_amp_gets_them(tiny_data):
@@ -92,14 +86,15 @@ def test_resume_mid_epoch_gives_the_exact_next_batches(tiny_data):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-def test_the_pipeline_follows_on_to_the_next_epoch_and_rebuilds_when_asked_for_another(tiny_data):
+def test_one_pipeline_follows_on_epoch_after_epoch_and_another_is_built_when_asked_for_another(tiny_data):
     train = _loaders(tiny_data, "dali-cpu").train
     first = [y for _, y in train.epoch(0, start_step=8)]
     built = train.iterator
     second = [y for _, y in train.epoch(1)]
-    assert len(first) == 2 and len(second) == 10 and train.iterator is built  # one pipeline, epoch after epoch
+    assert len(first) == 2 and len(second) == 10 and train.iterator is built  # the native reader's list spans both
     again = [y for _, y in train.epoch(1)]  # epoch 1 again (a bench, a restart): built anew, the same batches
     assert train.iterator is not built and all(torch.equal(a, b) for a, b in zip(second, again, strict=True))
+    assert not torch.equal(torch.cat([y for _, y in train.epoch(0)]), torch.cat(second))  # a new order every epoch
 
 
 @pytest.fixture
@@ -141,8 +136,8 @@ def test_grayscale_cmyk_and_png_decode_to_rgb(odd_data):
 
 def test_screen_names_every_undecodable_file_and_passes_the_rest(odd_data):
     bad = _add_bad_files(odd_data / "train" / "coat")
-    train, val = check_dataset(odd_data)
-    found = find_bad_images(p for s in (train, val) for p, _ in s.samples)
+    dataset = open_dataset(str(odd_data), str(odd_data))
+    found = {f"{odd_data}/{p}": why for p, why in dataset.unusable(dali=False).items()}
     assert set(found) == bad
     assert found[str(odd_data / "train/coat/empty.JPEG")] == "empty file"
     assert "truncated" in found[str(odd_data / "train/coat/truncated.JPEG")].lower()
@@ -152,8 +147,8 @@ def test_screen_names_every_undecodable_file_and_passes_the_rest(odd_data):
 
 
 def test_skipped_files_are_left_out_and_counted(odd_data):
-    bad = _add_bad_files(odd_data / "train" / "coat")
-    loaders = _loaders(odd_data, "dali-cpu", bad_files=bad, skip=True)
+    _add_bad_files(odd_data / "train" / "coat")
+    loaders = _loaders(odd_data, "dali-cpu", skip=True)
     assert loaders.excluded == 3 and "data: skipped 3 undecodable images (--skip-bad-images)" in loaders.notes
     assert loaders.train_size == 204  # 200 + 4 odd but decodable files
     assert sum(len(y) for _, y in loaders.train.epoch(0)) == 200  # 10 full steps, nothing died
@@ -167,5 +162,37 @@ def test_an_unscreened_bad_file_fails_with_an_error_naming_it(tiny_data, copy_of
     for other in {"truncated.JPEG", "garbage.JPEG", "empty.JPEG"} - {name}:
         (data / split / "bag" / other).unlink()
     with pytest.raises(DataError, match=re.escape(f"{data / split / 'bag' / name}: cannot decode image")):
-        loaders = _loaders(data, "dali-cpu", per_rank=67 if split == "train" else 5)  # train: 3 steps of 67 read all 201
+        # without the screen (headers only), the truncated file reaches DALI; the others fail on their header
+        loaders = _loaders(data, "dali-cpu", per_rank=67 if split == "train" else 5, screen=False)  # train: 3 steps of 67
         list(loaders.train.epoch(0) if split == "train" else loaders.val.batches())
+
+
+@pytest.fixture
+def exif_rotated(tmp_path):
+    """Images 48 x 32 px, dark on the left and bright on the right as stored, each tagged with EXIF orientation 6
+    (a viewer shows it turned a quarter: dark on top, 32 x 48)."""
+    for split, n in (("train", 8), ("val", 4)):
+        for cls in ("a", "b"):
+            folder = tmp_path / "exif" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = Image.new("RGB", (48, 32), (20, 20, 20))
+                img.paste((235, 235, 235), (24, 0, 48, 32))
+                exif = Image.Exif()
+                exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+                img.save(folder / f"{i}.JPEG", exif=exif.tobytes(), quality=95)
+    return tmp_path / "exif"
+
+
+def test_exif_orientation_is_left_alone_by_all_four_pipelines(exif_rotated):
+    # One rule: the stored pixels, as torchvision's ImageFolder and the manifest's sizes (crop windows) have them.
+    # Applied, the dark/bright split would run across (top and bottom) instead of along the width.
+    for backend in ("pytorch", "dali-cpu"):
+        loaders = _loaders(exif_rotated, backend, per_rank=16, **{"data.crop_area_min": 0.9})
+        for name, images in (("train", next(iter(loaders.train.epoch(0)))[0]), ("val", next(iter(loaders.val.batches()))[0])):
+            half = images.shape[-1] // 2
+            across = (images[..., :half].mean((1, 2, 3)) - images[..., half:].mean((1, 2, 3))).abs()
+            down = (images[..., :half, :].mean((1, 2, 3)) - images[..., half:, :].mean((1, 2, 3))).abs()
+            assert (across > 1.0).all() and (down < 0.2).all(), (backend, name, across, down)
+    dali, ref = (next(iter(_loaders(exif_rotated, b, per_rank=16).train.epoch(0)))[0] for b in ("dali-cpu", "pytorch"))
+    assert (dali - ref).abs().mean() < 0.1  # the same windows, flips and frame in both backends

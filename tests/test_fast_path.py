@@ -10,13 +10,13 @@ import pytest
 import torch
 from ranks import run_ranks
 
-from rn50_ray.config import load_config
-from rn50_ray.core.batching import plan_batches
+from rn50_ray.config import load_config, resolve
 from rn50_ray.core.context import LocalContext
 from rn50_ray.core.loop import fit
 from rn50_ray.core.recipe import build_optimizer, sgd_kernel
+from rn50_ray.core.run_plan import plan_run
 from rn50_ray.core.trainer import Trainer, input_format, use_channels_last
-from rn50_ray.data.loaders import make_loaders
+from rn50_ray.data.loaders import open_loaders
 from rn50_ray.data.types import Shard
 from rn50_ray.errors import ConfigError
 
@@ -25,11 +25,17 @@ CPU = torch.device("cpu")
 
 def _cfg(data, **overrides):
     base = {"data.path": str(data), "data.image_size": 32, "data.loader_workers": 1, "batch.per_worker": 20}
-    return load_config([], {**base, "batch.global_size": 20, "system.precision": "fp32", **overrides})
+    return resolve(
+        load_config([], {**base, "batch.global_size": 20, "system.precision": "fp32", "scale.workers": "1", **overrides})
+    )
+
+
+def _plan(cfg, world: int = 1):
+    return plan_run(cfg, 200, world)  # 10 steps of 20 images an epoch
 
 
 def _first_batch(cfg, channels_last: bool):
-    loaders = make_loaders(cfg.data, Shard(0, 1, CPU), plan_batches(20, 1, 20), seed=0, channels_last=channels_last)
+    _, loaders = open_loaders(cfg, Shard(0, 1, CPU), channels_last=channels_last, log=lambda line: None)
     return next(iter(loaders.train.epoch(0)))[0], loaders
 
 
@@ -39,7 +45,7 @@ def test_memory_format_reaches_the_weights_and_the_input(tiny_data, backend, fmt
     cfg = _cfg(tiny_data, **{"model.memory_format": fmt, "data.backend": backend})
     on = use_channels_last(cfg.model.memory_format, CPU)
     assert on == (fmt == "channels_last")
-    trainer = Trainer(cfg, CPU, 10, plan_batches(20, 1, 20), 10)
+    trainer = Trainer(cfg, CPU, 10, _plan(cfg))
     assert trainer.model.conv1.weight.is_contiguous(memory_format=torch.channels_last) == on
     images, _ = _first_batch(cfg, on)
     assert images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last) == on
@@ -76,7 +82,8 @@ def test_the_input_layout_training_bench_and_evaluate_share(precision, fmt, on_c
     [("auto", True, False), ("fused", True, False), ("foreach", False, True), ("for-loop", False, False)],
 )
 def test_sgd_kernel_switch(tiny_data, impl, fused, foreach):
-    trainer = Trainer(_cfg(tiny_data, **{"optim.impl": impl}), CPU, 10, plan_batches(20, 1, 20), 10)
+    cfg = _cfg(tiny_data, **{"optim.impl": impl})
+    trainer = Trainer(cfg, CPU, 10, _plan(cfg))
     assert trainer.optimizer.defaults["fused"] == fused and trainer.optimizer.defaults["foreach"] == foreach
 
 
@@ -92,8 +99,8 @@ def test_sgd_kernel_under_a_loss_scaler():
 def test_a_step_the_loss_scaler_skips_leaves_the_momentum_alone(tiny_data, kernel):
     """Why `auto` avoids fused SGD under amp-fp16: torch's fused kernel (shown here on CPU) puts the
     overflowing gradient into the momentum buffer of a step GradScaler skips."""
-    cfg = _cfg(tiny_data, **{"system.precision": "amp-fp16", "system.loss_scale": 2.0**40})
-    trainer = Trainer(cfg, CPU, 10, plan_batches(4, 1, 4), 10)
+    cfg = _cfg(tiny_data, **{"system.precision": "amp-fp16", "system.loss_scale": 2.0**40, "batch.global_size": 4})
+    trainer = Trainer(cfg, CPU, 10, plan_run(cfg, 40))
     if kernel == "fused":  # built by hand: the Trainer refuses it
         trainer.optimizer = build_optimizer(trainer.model, cfg.optim, 0.1, "fused")
     before = [p.detach().clone() for p in trainer.model.parameters()]
@@ -106,9 +113,11 @@ def test_a_step_the_loss_scaler_skips_leaves_the_momentum_alone(tiny_data, kerne
 
 
 def test_compile_switch_wraps_the_model(tiny_data):
-    plain = Trainer(_cfg(tiny_data), CPU, 10, plan_batches(20, 1, 20), 10)
+    cfg = _cfg(tiny_data)
+    plain = Trainer(cfg, CPU, 10, _plan(cfg))
     assert plain.wrap(1) is plain.model
-    compiled = Trainer(_cfg(tiny_data, **{"system.compile": True}), CPU, 10, plan_batches(20, 1, 20), 10)
+    cfg = _cfg(tiny_data, **{"system.compile": True})
+    compiled = Trainer(cfg, CPU, 10, _plan(cfg))
     wrapped = compiled.wrap(1)
     assert isinstance(wrapped, torch._dynamo.eval_frame.OptimizedModule) and wrapped._orig_mod is compiled.model
 
@@ -128,8 +137,7 @@ def _ten_synthetic_steps(data, ctx, log_every: int = 5, **extra) -> None:
     """One epoch of 10 steps of 20 synthetic images, logged every `log_every` steps."""
     overrides = {"data.synthetic_samples": 200, "run.log_every": log_every, "schedule.epochs": 1, "schedule.warmup_epochs": 0}
     cfg = _cfg(data, **{"data.backend": "synthetic", **overrides, **extra})
-    plan = plan_batches(20, ctx.world_size, 20)
-    loaders = make_loaders(cfg.data, Shard(ctx.world_rank, ctx.world_size, CPU), plan, seed=0, channels_last=False)
+    plan, loaders = open_loaders(cfg, Shard(ctx.world_rank, ctx.world_size, CPU), channels_last=False)
     fit(cfg, ctx, loaders, plan)
 
 

@@ -13,16 +13,15 @@ import yaml
 from conftest import ROOT, launch
 from torch import nn
 
-from rn50_ray.config import ResolutionConfig, load_config
-from rn50_ray.core.batching import plan_batches
+from rn50_ray.config import load_config, resolve
 from rn50_ray.core.checkpoint import load_checkpoint
 from rn50_ray.core.context import LocalContext
 from rn50_ray.core.evaluation import evaluate
 from rn50_ray.core.loop import fit
 from rn50_ray.core.model import build_model
-from rn50_ray.core.resolution import ResolutionSchedule
+from rn50_ray.core.run_plan import plan_run
 from rn50_ray.core.step import Precision
-from rn50_ray.data.loaders import make_loaders
+from rn50_ray.data.loaders import open_loaders
 from rn50_ray.data.types import Shard
 
 CPU = torch.device("cpu")
@@ -42,7 +41,7 @@ def ffcv_get_resolution(epoch, min_res, max_res, end_ramp, start_ramp):
 def test_the_resolution_schedule_is_ffcvs(epochs):
     recipe = yaml.safe_load((ROOT / "recipes" / f"rn50_fast_{epochs}e.yaml").read_text())
     r = recipe["resolution"]
-    sizes = ResolutionSchedule.from_config(recipe["data"]["image_size"], ResolutionConfig(**r))
+    sizes = plan_run(load_config([str(ROOT / "recipes" / f"rn50_fast_{epochs}e.yaml")]), 1_281_167).sizes
     for epoch in range(epochs):
         assert sizes.at(epoch) == ffcv_get_resolution(epoch, 160, 192, r["end_epoch"], r["start_epoch"]), epoch
     assert sizes.at(0) == 160 and sizes.at(epochs - 1) == 192
@@ -76,8 +75,7 @@ def _ramp_cfg(data, backend: str, **extra):
 @pytest.mark.parametrize("backend", ["pytorch", "dali-cpu", "synthetic"])
 def test_train_batches_come_at_the_scheduled_size(tiny_data, backend):
     cfg = _ramp_cfg(tiny_data, backend, **{"data.val_image_size": 40})
-    loaders = make_loaders(cfg.data, Shard(0, 1, CPU), plan_batches(20, 1, 20), seed=0, channels_last=False,
-                           resolution=cfg.resolution)  # fmt: skip
+    _, loaders = open_loaders(resolve(cfg), Shard(0, 1, CPU), channels_last=False)
     sizes = [next(iter(loaders.train.epoch(e)))[0].shape[-1] for e in (0, 1, 2, 3)]
     assert sizes == [16, 24, 32, 32]
     assert next(iter(loaders.val.batches()))[0].shape[-2:] == (40, 40)  # evaluated at data.val_image_size
@@ -87,8 +85,7 @@ def _run(data, run_dir, **extra):
     torch.set_num_threads(1)
     cfg = _ramp_cfg(data, "pytorch", **{"schedule.epochs": 3, "schedule.warmup_epochs": 0.5, "run.log_every": 1,
                                        "data.loader_workers": 0, **extra})  # fmt: skip
-    plan = plan_batches(20, 1, 20)
-    loaders = make_loaders(cfg.data, Shard(0, 1, CPU), plan, seed=0, channels_last=False, resolution=cfg.resolution)
+    plan, loaders = open_loaders(resolve(cfg), Shard(0, 1, CPU), channels_last=False)
     ctx = LocalContext(run_dir, quiet=True, keep=10)
     fit(cfg, ctx, loaders, plan)
     return ctx
@@ -143,6 +140,7 @@ def test_blurpool_keeps_the_parameters_and_is_off_by_default():
     assert out.shape == (2, 1000) and blurred.layer2[0].conv2[1].weight.grad is not None
 
 
+@pytest.mark.ray
 def test_a_fast_recipe_learns_through_ray(sample_data, tmp_path):
     """rn50_fast_16e at toy sizes through Ray, with its ramp, TTA and BlurPool on. The pytorch backend: the quick
     start's dali-cpu learns in test_train_ray.py, and test_dali.py shows both backends give the same batches."""

@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, listed
 from PIL import Image
 
 from rn50_ray.cli import main
-from rn50_ray.data.folder import check_dataset
 from rn50_ray.errors import DataError
 
 WNIDS = [f"n{i:08d}" for i in range(1, 11)]
@@ -37,7 +36,7 @@ def _official(sample: Path, out: Path) -> Path:
     """ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz, in miniature."""
     import scipy.io
 
-    train, val = check_dataset(sample)
+    train, val = listed(sample)
     out.mkdir()
     with tarfile.open(out / "ILSVRC2012_img_train.tar", "w") as outer:
         for label, wnid in enumerate(WNIDS):
@@ -65,7 +64,7 @@ def _official(sample: Path, out: Path) -> Path:
 
 
 def _kaggle(sample: Path, out: Path) -> Path:
-    train, val = check_dataset(sample)
+    train, val = listed(sample)
     base = out / "ILSVRC" / "Data" / "CLS-LOC"
     for label, wnid in enumerate(WNIDS):
         (base / "train" / wnid).mkdir(parents=True)
@@ -100,7 +99,7 @@ def _labels(data: Path) -> dict[str, set[str]]:
     """{class folder: the original sample's image bytes' digests}: what each prepared class holds."""
     import hashlib
 
-    train, _ = check_dataset(data)
+    train, _ = listed(data)
     out: dict[str, set[str]] = {}
     for path, label in train.samples:
         out.setdefault(train.classes[label], set()).add(hashlib.sha1(Path(path).read_bytes()).hexdigest())
@@ -121,26 +120,27 @@ def test_official_archives_killed_mid_way_resume_and_train(tiny_data, tmp_path, 
     report = capsys.readouterr().out
     assert "train: 10 classes, 3 already complete, 7 to extract with 2 process(es)" in report
     assert f"{out}: 10 classes, 200 train / 50 val images" in report
-    train, _ = check_dataset(out)
+    train, _ = listed(out)
     assert train.classes == tuple(WNIDS) and not list((out / "train").glob(".*"))
     assert _labels(out) == {w: digests for w, digests in zip(WNIDS, _labels(tiny_data).values(), strict=True)}
     val_counts = {w: len(os.listdir(out / "val" / w)) for w in WNIDS}
     assert val_counts == dict.fromkeys(WNIDS, 5)  # the ground truth put every val image in its class
     names = json.loads((out / "classes.json").read_text())
-    assert names[WNIDS[0]] == f"{check_dataset(tiny_data)[0].classes[0]}, class 1" and "n09999999" not in names
+    assert names[WNIDS[0]] == f"{listed(tiny_data)[0].classes[0]}, class 1" and "n09999999" not in names
 
     # It trains: one epoch of the core loop on the prepared folder.
-    from rn50_ray.config import load_config
-    from rn50_ray.core.batching import plan_batches
+    from rn50_ray.config import load_config, resolve
     from rn50_ray.core.context import LocalContext
     from rn50_ray.core.loop import fit
-    from rn50_ray.data.loaders import make_loaders
+    from rn50_ray.data.loaders import open_loaders
     from rn50_ray.data.types import Shard
 
+    assert (out / ".rn50-manifest.parquet").is_file()  # prepare-imagenet leaves the folder's manifest: no scan later
     cfg = load_config([str(ROOT / "recipes" / "cpu_demo.yaml")], {"data.path": str(out), "data.backend": "pytorch",
                                                                  "schedule.epochs": 1, "schedule.warmup_epochs": 0})  # fmt: skip
-    plan = plan_batches(32, 1, 16)
-    loaders = make_loaders(cfg.data, Shard(0, 1, torch.device("cpu")), plan, seed=0, channels_last=False)
+    lines: list[str] = []
+    plan, loaders = open_loaders(resolve(cfg), Shard(0, 1, torch.device("cpu")), channels_last=False, log=lines.append)
+    assert lines == []  # the manifest prepare-imagenet wrote was current: read, nothing scanned
     summary = fit(cfg, LocalContext(tmp_path / "run", quiet=True), loaders, plan)
     assert summary["finished"] and summary["step"] == 6 and loaders.num_classes == 10
 
@@ -158,7 +158,7 @@ def test_kaggle_layout_prepares_the_same_folders(tiny_data, tmp_path, capsys):
     source, out = _kaggle(tiny_data, tmp_path / "kaggle"), tmp_path / "imagenet"
     assert main(["prepare-imagenet", "--source", str(source), "--out", str(out), "--subset", "--workers", "2"]) == 0
     assert f"{out}: 10 classes, 200 train / 50 val images" in capsys.readouterr().out
-    train, val = check_dataset(out)
+    train, val = listed(out)
     assert train.classes == val.classes == tuple(WNIDS)
     first = next((out / "train" / WNIDS[0]).iterdir())
     assert first.stat().st_nlink == 2  # hard links: no second copy of the train set
@@ -184,14 +184,14 @@ def test_a_symlinked_class_folder_works_a_cycle_fails_naming_the_link(tiny_data,
     elsewhere.parent.mkdir()
     shutil.move(data / "train" / "bag", elsewhere)
     (data / "train" / "bag").symlink_to(elsewhere)  # data spread over disks
-    train, _ = check_dataset(data)
+    train, _ = listed(data)
     assert len(train) == 200 and train.classes.count("bag") == 1
     (elsewhere / "again").symlink_to(elsewhere / "..")  # a link to an ancestor: once 41,200 images "found"
     with pytest.raises(DataError, match=rf"^{data / 'train' / 'bag' / 'again'}: a symbolic link that leads back into a folder"):
-        check_dataset(data)
+        listed(data)
     (elsewhere / "again").unlink()
     (data / "train" / "coat" / "twin.JPEG").symlink_to(next(elsewhere.glob("*.JPEG")))  # a file reached twice
-    train, _ = check_dataset(data)
+    train, _ = listed(data)
     assert len(train) == 200 and train.duplicates == 1
 
 
@@ -210,14 +210,17 @@ def test_images_too_large_to_decode_are_named_before_training_and_skippable(tiny
     huge = data / "train" / "bag" / "huge.JPEG"
     _huge(huge, 150_000_000)
     from rn50_ray.config import load_config, resolve
+    from rn50_ray.data.checks import usable_dataset
     from rn50_ray.data.pytorch import decode_rgb
-    from rn50_ray.driver import precheck_data
 
     args = ["train", "--recipe", "cpu_demo", "--data", str(data), "--storage", str(tmp_path / "runs"), "--tracking", "off"]
     assert main(args) == 2  # named before any worker starts
-    assert f"{huge}: cannot decode image (too large to decode" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert f"{huge}: cannot decode image (too large to decode" in captured.err
+    assert "screened 251 images in" in captured.out
     cfg = resolve(load_config([str(ROOT / "recipes" / "cpu_demo.yaml")], {"data.path": str(data), "data.skip_bad_images": True}))
-    assert precheck_data(cfg) == [str(huge)]  # --skip-bad-images: left out, and counted in the run
-    assert "screened 251 images in" in capsys.readouterr().out
+    dataset = usable_dataset(cfg)  # --skip-bad-images: left out, and counted in the run
+    assert len(dataset.train) == 200 and dataset.train.excluded == 1 and "bag/huge.JPEG" not in set(dataset.train.paths)
+    assert "screened" not in capsys.readouterr().out  # the manifest of the first command: no second screen
     with pytest.raises(DataError, match=r"huge\.JPEG: cannot decode image \(DecompressionBomb"):
         decode_rgb(str(huge))  # unscreened, the pytorch backend says the same instead of warning

@@ -1,7 +1,9 @@
 """The layers import only what they may, read statically from every import statement (those inside functions
-included): the core and the data layer run on a bare GPU machine, which has torch but no Ray, DALI or MLflow."""
+included): the core and the data layer run on a bare GPU machine, which has torch but no Ray, DALI or MLflow. And
+the README says truly what the core imports."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +17,13 @@ PACKAGE = ROOT / "rn50_ray"
 ALLOWED = {
     "ray": {"rn50_ray.driver", "rn50_ray.worker", "rn50_ray.tune.runner", "rn50_ray.tune.trial", "rn50_ray.tune.spaces"},
     "nvidia": {"rn50_ray.data.dali"},
-    "mlflow": {"rn50_ray.tracking", "rn50_ray.tracking.sink", "rn50_ray.tracking.artifacts", "rn50_ray.tracking.search"},
+    "mlflow": {"rn50_ray.tracking.run", "rn50_ray.tracking.sink", "rn50_ray.tracking.artifacts", "rn50_ray.tracking.search"},
 }
 # Modules that must not import torch at all: DALI's reader processes and the CLI's light paths load them.
-TORCH_FREE = {"rn50_ray.data.order", "rn50_ray.data.dali_source", "rn50_ray.core.batching", "rn50_ray.core.resolution",
+TORCH_FREE = {"rn50_ray.data.order", "rn50_ray.core.batching", "rn50_ray.core.resolution", "rn50_ray.core.run_plan",
               "rn50_ray.config", "rn50_ray.errors", "rn50_ray.dry_run", "rn50_ray.data.folder", "rn50_ray.core.seeds",
-              "rn50_ray.data.backends", "rn50_ray.run_folder"}  # fmt: skip
+              "rn50_ray.data.backends", "rn50_ray.run_folder", "rn50_ray.data.manifest", "rn50_ray.data.screen",
+              "rn50_ray.data.checks", "rn50_ray.data.types"}  # fmt: skip
 
 
 def _module(path: Path) -> str:
@@ -54,7 +57,20 @@ def test_the_core_and_the_data_layer_import_neither_ray_dali_nor_mlflow():
             assert not names & {"ray", "nvidia", "mlflow"}, module
 
 
-def test_dalis_reader_processes_and_the_light_modules_do_not_import_torch():
+def _third_party(prefix: str) -> set[str]:
+    return (
+        {n for m, names in MODULES.items() if m.startswith(prefix) for n in names} - set(sys.stdlib_module_names) - {"rn50_ray"}
+    )
+
+
+def test_the_readme_names_exactly_what_the_core_imports():
+    claim = re.search(r"The core \(`rn50_ray/core/`\) imports ([^.]*)\.", (ROOT / "README.md").read_text().replace("\n", " "))
+    assert claim, "README: the sentence 'The core (`rn50_ray/core/`) imports ...' is missing"
+    named = set(re.findall(r"`?([a-z_]+)`?", claim[1].replace(" and ", ", "))) - {"only"}
+    assert named == _third_party("rn50_ray.core."), (claim[1], sorted(_third_party("rn50_ray.core.")))
+
+
+def test_the_light_modules_do_not_import_torch():
     for module in TORCH_FREE:
         assert "torch" not in MODULES[module] and "torchvision" not in MODULES[module], module
 

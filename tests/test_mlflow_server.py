@@ -3,6 +3,7 @@ server instead of colliding with it, host names are allowed, and the server goes
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -18,7 +19,7 @@ def _start(tmp_path, port: int, gcs: int) -> subprocess.CompletedProcess:
     args = [
         sys.executable, "-m", "rn50_ray.tracking.server", "start", "--host", "127.0.0.1", "--port", str(port),
         "--store", str(tmp_path / "store"), "--watch", f"127.0.0.1:{gcs}", "--log", str(tmp_path / "mlflow.log"),
-        "--pid-file", str(tmp_path / "mlflow.pid"),
+        "--pid-file", str(tmp_path / "mlflow.pid"), "--credentials", str(tmp_path / "credentials.json"),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
@@ -48,9 +49,11 @@ def test_a_restart_replaces_the_server_and_it_ends_with_ray(tmp_path):
     assert new != old and not _group(old)
     assert (tmp_path / "mlflow.log").read_text().count("Uvicorn running on") == 2  # appended, not truncated
     url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+    known = json.loads((tmp_path / "credentials.json").read_text())  # the restart kept the first start's password
+    auth = (known["username"], known["password"])
     for host in (f"{socket.gethostname()}:{port}", f"localhost:{port}", f"10.1.2.3:{port}"):
-        assert requests.get(url, headers={"Host": host}, timeout=10).status_code == 200, host  # MLflow 3 checks it
-    assert requests.get(url, headers={"Host": f"evil.example:{port}"}, timeout=10).status_code == 403
+        assert requests.get(url, headers={"Host": host}, auth=auth, timeout=10).status_code == 200, host  # MLflow 3 checks it
+    assert requests.get(url, headers={"Host": f"evil.example:{port}"}, auth=auth, timeout=10).status_code == 403
     gcs.close()  # ray stop, ray down
     deadline = time.time() + 30
     while _group(new) and time.time() < deadline:

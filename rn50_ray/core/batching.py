@@ -52,9 +52,6 @@ class BatchPlan:
         """Each image's loss weight, so that DDP's mean over ranks is the mean over the global batch."""
         return self.world_size / self.global_size
 
-    def steps_per_epoch(self, dataset_size: int) -> int:
-        return dataset_size // self.global_size
-
     def describe(self) -> str:
         """'global batch 2048 = 9 workers x 227-228 images (micro-batch 228, 1 accumulation)'."""
         low, high = self.share(self.world_size - 1), self.share(0)
@@ -63,12 +60,3 @@ class BatchPlan:
             f"global batch {self.global_size} = {self.world_size} workers x {images} images "
             f"(micro-batch {self.micro(0)}, {self.accum(0)} accumulation)"
         )
-
-
-def plan_batches(global_size: int, world_size: int, max_micro: int) -> BatchPlan:
-    return BatchPlan(global_size, world_size, max_micro)
-
-
-def peak_lr(lr_per_256: float, global_size: int) -> float:
-    """The linear scaling rule: the peak LR for a global batch, from the LR per 256 images."""
-    return lr_per_256 * global_size / 256

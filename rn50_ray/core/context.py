@@ -1,8 +1,9 @@
-"""The narrow interface between the training loop and whatever runs it.
+"""The narrow interfaces between the training loop and whatever runs and feeds it.
 
-`fit` only talks to a TrainContext: Ray Train provides one (`rn50_ray.worker.RayContext`),
-and `LocalContext` runs the loop without Ray: in one process, for tests, benchmarks and a bare GPU
-machine, or as one rank of a torch.distributed group that the caller started.
+`fit` only talks to a TrainContext and reads batches through Loaders. Ray Train provides a context
+(`rn50_ray.worker.RayContext`), and `LocalContext` runs the loop without Ray: in one process, for tests,
+benchmarks and a bare GPU machine, or as one rank of a torch.distributed group that the caller started. The data
+layer's backends (rn50_ray/data/) provide the Loaders.
 """
 
 from __future__ import annotations
@@ -13,12 +14,42 @@ import math
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from rn50_ray.core.checkpoint import BEST_PREFIX, CHECKPOINT_PREFIX, STATE_FILE
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # normalized float images on the device (N, 3, H, W), int64 labels
+
+
+class TrainBatches(Protocol):
+    steps_per_epoch: int
+    skipped: int  # undecodable images dropped on the fly (--skip-bad-images, pytorch backend)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """This rank's batches of steps start_step.. of `epoch`, one per optimizer step."""
+
+
+class ValBatches(Protocol):
+    def batches(self) -> Iterator[Batch]:
+        """This rank's share of the val split, once."""
+
+
+@dataclass
+class Loaders:
+    train: TrainBatches
+    val: ValBatches
+    num_classes: int
+    train_size: int
+    val_size: int
+    notes: list[str] = field(default_factory=list)  # lines for the log
+    excluded: int = 0  # unusable files left out before training (--skip-bad-images)
+    backend: str = ""  # the resolved backend
+    classes: tuple[str, ...] = ()  # class folder names, by label
+    class_names: dict[str, str] = field(default_factory=dict)  # folder -> readable name (the data's classes.json)
 
 
 class TrainContext(Protocol):

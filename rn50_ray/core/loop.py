@@ -18,11 +18,10 @@ import torch.distributed as dist
 from torch import nn
 
 from rn50_ray.core import checkpoint as ckpt
-from rn50_ray.core.batching import BatchPlan, peak_lr
-from rn50_ray.core.context import TrainContext, jsonl
+from rn50_ray.core.context import Loaders, TrainBatches, TrainContext, jsonl
 from rn50_ray.core.evaluation import evaluate
 from rn50_ray.core.per_class import CONFUSION_FILE, PER_CLASS_FILE, matrix_to_csv, per_class_rows, rows_to_csv, worst
-from rn50_ray.core.resolution import ResolutionSchedule
+from rn50_ray.core.run_plan import RunPlan
 from rn50_ray.core.seeds import seed_for
 from rn50_ray.core.trainer import Trainer
 
@@ -67,12 +66,11 @@ class EpochStats:
     seconds: float
 
 
-def train_epoch(cfg, ctx: TrainContext, trainer: Trainer, model: nn.Module, train, cadence: Cadence) -> EpochStats:
+def train_epoch(cfg, ctx: TrainContext, trainer: Trainer, model: nn.Module, train: TrainBatches, cadence: Cadence) -> EpochStats:
     """The rest of epoch `trainer.progress.epoch` from its step_in_epoch: steps, progress lines every
     run.log_every steps (the interval's one host sync), preemption and mid-epoch checkpoints."""
     p, plan, device = trainer.progress, trainer.plan, ctx.device
-    epoch, start, steps_per_epoch = p.epoch, p.step_in_epoch, train.steps_per_epoch
-    total_steps = cfg.schedule.epochs * steps_per_epoch
+    epoch, start, steps_per_epoch = p.epoch, p.step_in_epoch, plan.steps_per_epoch
     t_epoch = t_mark = time.perf_counter()
     data_wait, interval_steps = 0.0, 0
     loss_sum, epoch_loss = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -108,7 +106,7 @@ def train_epoch(cfg, ctx: TrainContext, trainer: Trainer, model: nn.Module, trai
             cadence.ask_now = asked > 0
             if decided > 0:
                 cadence.preempt_saved, checkpoint_now = True, True
-            _log_interval(cfg, ctx, trainer, total_loss, interval_steps, time.perf_counter() - t_mark, data_wait, total_steps)
+            _log_interval(cfg, ctx, trainer, total_loss, interval_steps, time.perf_counter() - t_mark, data_wait)
             loss_sum.zero_()
             interval_steps, data_wait, t_mark = 0, 0.0, time.perf_counter()
         if checkpoint_now and p.step_in_epoch < steps_per_epoch:  # the epoch's end reports anyway
@@ -117,18 +115,19 @@ def train_epoch(cfg, ctx: TrainContext, trainer: Trainer, model: nn.Module, trai
             cadence.last_report_s = time.perf_counter() - t_report
     steps = p.step_in_epoch - start
     (loss_total,) = _all_reduce_sum(epoch_loss.reshape(1), device)
-    return EpochStats(loss_total / max(steps * plan.global_size, 1), steps, time.perf_counter() - t_epoch)
+    return EpochStats(loss_total / max(steps * plan.global_batch, 1), steps, time.perf_counter() - t_epoch)
 
 
-def _log_interval(cfg, ctx, trainer: Trainer, total_loss: float, steps: int, elapsed: float, data_wait: float, total_steps: int):
-    p, images = trainer.progress, steps * trainer.plan.global_size
+def _log_interval(cfg, ctx, trainer: Trainer, total_loss: float, steps: int, elapsed: float, data_wait: float):
+    p, plan = trainer.progress, trainer.plan
+    images = steps * plan.global_batch
     ips, compute_ips = images / max(elapsed, 1e-9), images / max(elapsed - data_wait, 1e-9)
     lr = trainer.optimizer.param_groups[0]["lr"]
     scale = f" scale {trainer.scaler.get_scale():.0f}" if trainer.scaler.is_enabled() else ""
     loss = total_loss / images
-    eta = _fmt_time((total_steps - p.step) * elapsed / steps)
+    eta = _fmt_time((plan.total_steps - p.step) * elapsed / steps)
     ctx.log(
-        f"epoch {p.epoch + 1}/{cfg.schedule.epochs} step {p.step_in_epoch}/{trainer.steps_per_epoch} loss {loss:.4f} "
+        f"epoch {p.epoch + 1}/{plan.epochs} step {p.step_in_epoch}/{plan.steps_per_epoch} loss {loss:.4f} "
         f"lr {lr:.5f}{scale} img/s {ips:.1f} (compute {compute_ips:.1f}) eta {eta}"
     )
     metrics = {
@@ -164,7 +163,7 @@ def epoch_record(trainer: Trainer, ctx: TrainContext, stats: EpochStats, val: di
         "step": p.step,
         "train/loss": stats.loss,
         "train/lr": trainer.optimizer.param_groups[0]["lr"],
-        "train/img_per_s": stats.steps * trainer.plan.global_size / max(stats.seconds, 1e-9),
+        "train/img_per_s": stats.steps * trainer.plan.global_batch / max(stats.seconds, 1e-9),
         "train/resolution": size,
         "val/top1": val["top1"],
         "val/top5": val["top5"],
@@ -174,11 +173,12 @@ def epoch_record(trainer: Trainer, ctx: TrainContext, stats: EpochStats, val: di
     }
 
 
-def fit(cfg, ctx: TrainContext, loaders, plan: BatchPlan) -> dict[str, Any]:
-    """Train from the context's latest checkpoint (or from scratch) to the end of the schedule."""
+def fit(cfg, ctx: TrainContext, loaders: Loaders, plan: RunPlan) -> dict[str, Any]:
+    """Train from the context's latest checkpoint (or from scratch) to the end of the schedule. `plan` is the
+    run's plan at the context's world size, which `loaders` were made for."""
     device = ctx.device
     train = loaders.train
-    trainer = Trainer(cfg, device, loaders.num_classes, plan, train.steps_per_epoch, ctx.world_rank)
+    trainer = Trainer(cfg, device, loaders.num_classes, plan, ctx.world_rank)
     if cfg.system.cudnn_benchmark and device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     for note in loaders.notes:
@@ -192,20 +192,18 @@ def fit(cfg, ctx: TrainContext, loaders, plan: BatchPlan) -> dict[str, Any]:
     progress.world_size = ctx.world_size
     model = trainer.wrap(ctx.world_size)
     model.train()
-    sizes = ResolutionSchedule.from_config(cfg.data.image_size, cfg.resolution)
     ctx.log(
-        f"plan: {plan.describe()}; {train.steps_per_epoch} steps per epoch; peak LR "
-        f"{peak_lr(cfg.optim.lr_per_256, plan.global_size):.4g}; precision {trainer.precision.name}; "
-        f"{'channels_last' if trainer.channels_last else 'contiguous'}; train size {sizes.describe(cfg.schedule.epochs)}"
+        f"plan: {plan.describe()}; precision {trainer.precision.name}; "
+        f"{'channels_last' if trainer.channels_last else 'contiguous'}"
     )
     ctx.track_start(progress.step, _start_tags(ctx, loaders, trainer, plan))
     cadence = Cadence(cfg.run.checkpoint_every_steps, ctx.preemption_poll_s)
     first_step_unix: list[float] = []  # wall clock at the end of this start's first step: the startup figure
     summary: dict[str, Any] = {}
     epochs_this_run = 0
-    while progress.epoch < cfg.schedule.epochs:
-        size, last = sizes.at(progress.epoch), progress.epoch + 1 == cfg.schedule.epochs
-        stats = train_epoch(cfg, ctx, trainer, model, _FirstStepClock(train, device, first_step_unix), cadence)
+    while progress.epoch < plan.epochs:
+        size, last = plan.sizes.at(progress.epoch), progress.epoch + 1 == plan.epochs
+        stats = train_epoch(cfg, ctx, trainer, model, _FirstStepClock(train, device, first_step_unix, ctx.log), cadence)
         val = evaluate(model, loaders.val.batches(), loaders.num_classes, trainer.precision, device, cfg.eval.flip_tta, last)
         if last:  # which classes are bad, by name: into the run folder, and from there MLflow
             matrix = val.pop("confusion")
@@ -230,7 +228,7 @@ def fit(cfg, ctx: TrainContext, loaders, plan: BatchPlan) -> dict[str, Any]:
         progress.best_top1 = max(progress.best_top1, val["top1"])
         progress.history.append(record)
         ctx.log(
-            f"epoch {progress.epoch}/{cfg.schedule.epochs} done in {stats.seconds:.1f} s at {size} px: train loss "
+            f"epoch {progress.epoch}/{plan.epochs} done in {stats.seconds:.1f} s at {size} px: train loss "
             f"{stats.loss:.4f} | val top1 {val['top1']:.2f}% top5 {val['top5']:.2f}% loss {val['loss']:.4f} | "
             f"{record['train/img_per_s']:.1f} img/s"
         )
@@ -243,12 +241,12 @@ def fit(cfg, ctx: TrainContext, loaders, plan: BatchPlan) -> dict[str, Any]:
         epochs_this_run += 1
         summary = {**record, "first_step_unix": first_step_unix[0] if first_step_unix else None}
         if cfg.run.stop_after_epochs and epochs_this_run >= cfg.run.stop_after_epochs:
-            if progress.epoch < cfg.schedule.epochs:
+            if progress.epoch < plan.epochs:
                 ctx.log(f"stopping after {epochs_this_run} epoch(s) as asked; rerun the same command to continue")
             break
     if not summary:  # nothing left to train: report the last state again
         summary = dict(progress.history[-1]) if progress.history else {}
-    summary.update(best_top1=progress.best_top1, resizes=len(progress.resizes), finished=progress.epoch >= cfg.schedule.epochs)
+    summary.update(best_top1=progress.best_top1, resizes=len(progress.resizes), finished=progress.epoch >= plan.epochs)
     return summary
 
 
@@ -256,8 +254,8 @@ class _FirstStepClock:
     """The train batches, noting the wall clock once the first step of this start has finished (the startup
     figure): at the second batch asked for, after one sync, so the figure means a finished step on a GPU too."""
 
-    def __init__(self, train, device: torch.device, out: list[float]):
-        self.train, self.device, self.out = train, device, out
+    def __init__(self, train: TrainBatches, device: torch.device, out: list[float], log):
+        self.train, self.device, self.out, self.log = train, device, out, log
         self.steps_per_epoch = train.steps_per_epoch
 
     def epoch(self, epoch: int, start_step: int = 0):
@@ -265,10 +263,11 @@ class _FirstStepClock:
             if i == 1 and not self.out:
                 sync_device(self.device)
                 self.out.append(time.time())
+                self.log("first step of this start done")  # what bench/scale.py times a start and a restart by
             yield batch
 
 
-def _start_tags(ctx: TrainContext, loaders, trainer: Trainer, plan: BatchPlan) -> dict[str, Any]:
+def _start_tags(ctx: TrainContext, loaders: Loaders, trainer: Trainer, plan: RunPlan) -> dict[str, Any]:
     device = ctx.device
     return {
         "device": f"{ctx.world_size} x {device.type}",
@@ -276,11 +275,11 @@ def _start_tags(ctx: TrainContext, loaders, trainer: Trainer, plan: BatchPlan) -
         "data_backend": loaders.backend,
         "precision": trainer.precision.name,
         "memory_format": "channels_last" if trainer.channels_last else "contiguous",
-        "accumulation": plan.accum(0),
+        "accumulation": plan.batch.accum(0),
     }
 
 
-def _resume(ctx: TrainContext, trainer: Trainer, resume: str, plan: BatchPlan) -> None:
+def _resume(ctx: TrainContext, trainer: Trainer, resume: str, plan: RunPlan) -> None:
     state, resume, stack = ckpt.load_first_readable(ctx, resume)
     with stack:
         trainer.load_state_dict(state, keep_hyperparameters=ctx.from_init)
@@ -291,7 +290,7 @@ def _resume(ctx: TrainContext, trainer: Trainer, resume: str, plan: BatchPlan) -
     if p.world_size and p.world_size != ctx.world_size:
         p.resizes.append({"step": p.step, "old": p.world_size, "new": ctx.world_size})
         ctx.log(
-            f"resize: world size {p.world_size} -> {ctx.world_size} at step {p.step}; {plan.describe()}; "
+            f"resize: world size {p.world_size} -> {ctx.world_size} at step {p.step}; {plan.batch.describe()}; "
             f"the epoch goes on with the images it has not trained yet"
         )
 

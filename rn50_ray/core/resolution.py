@@ -27,12 +27,6 @@ class ResolutionSchedule:
         interp = self.start + (self.final - self.start) * (epoch - self.start_epoch) / (self.end_epoch - self.start_epoch)
         return round(interp / self.multiple) * self.multiple
 
-    @classmethod
-    def from_config(cls, image_size: int, resolution_cfg) -> ResolutionSchedule:
-        """From data.image_size and the `resolution` config section."""
-        r = resolution_cfg
-        return cls(image_size, r.start_size, r.start_epoch, r.end_epoch, r.multiple)
-
     @property
     def ramps(self) -> bool:
         return bool(self.start) and self.start != self.final

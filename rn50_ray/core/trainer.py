@@ -10,9 +10,9 @@ import torch.distributed as dist
 from torch import nn
 
 from rn50_ray.core import recipe
-from rn50_ray.core.batching import BatchPlan, peak_lr
 from rn50_ray.core.checkpoint import Progress, rng_state, set_rng_state
 from rn50_ray.core.model import build_model, model_kwargs
+from rn50_ray.core.run_plan import RunPlan
 from rn50_ray.core.seeds import seed_for
 from rn50_ray.core.step import resolve_precision, train_step
 
@@ -34,8 +34,9 @@ def input_format(cfg, device: torch.device) -> dict[str, bool]:
 class Trainer:
     """The model, optimizer, scheduler, scaler and EMA of one rank, and their checkpoint state."""
 
-    def __init__(self, cfg, device: torch.device, num_classes: int, plan: BatchPlan, steps_per_epoch: int, rank: int = 0):
-        self.cfg, self.device, self.plan, self.steps_per_epoch, self.rank = cfg, device, plan, steps_per_epoch, rank
+    def __init__(self, cfg, device: torch.device, num_classes: int, plan: RunPlan, rank: int = 0):
+        """`plan` is the run's plan at this rank's world size."""
+        self.cfg, self.device, self.plan, self.rank = cfg, device, plan, rank
         self.num_classes = num_classes
         self.precision = resolve_precision(cfg.system.precision, device)
         self.channels_last = use_channels_last(cfg.model.memory_format, device)
@@ -43,8 +44,8 @@ class Trainer:
         self.model = build_model(**model_kwargs(cfg.model, num_classes, self.channels_last)).to(device)
         self.scaler = self.precision.scaler(cfg.system.loss_scale)
         kernel = recipe.sgd_kernel(cfg.optim.impl, device, loss_scaling=self.scaler.is_enabled())
-        self.optimizer = recipe.build_optimizer(self.model, cfg.optim, peak_lr(cfg.optim.lr_per_256, plan.global_size), kernel)
-        self.scheduler = recipe.build_scheduler(self.optimizer, cfg.schedule, steps_per_epoch)
+        self.optimizer = recipe.build_optimizer(self.model, cfg.optim, plan.peak_lr, kernel)
+        self.scheduler = recipe.build_scheduler(self.optimizer, cfg.schedule, plan.steps_per_epoch)
         self.ema = recipe.build_ema(self.model, cfg.optim.ema_decay)
         self.criterion = recipe.build_criterion(cfg.optim.label_smoothing)
         self.mixup = recipe.build_mixup(cfg.optim.mixup_alpha, num_classes)
@@ -98,8 +99,8 @@ class Trainer:
             scaler=self.scaler,
             criterion=self.criterion,
             precision=self.precision,
-            accum=self.plan.accum(self.rank),
-            loss_weight=self.plan.loss_weight,
+            accum=self.plan.batch.accum(self.rank),
+            loss_weight=self.plan.batch.loss_weight,
         )
         self.scheduler.step()
         if self.ema is not None:

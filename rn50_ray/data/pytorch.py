@@ -1,10 +1,11 @@
 """The `pytorch` backend: PIL decode, DataLoader processes, normalization on the device.
 
 Train: each step's images and their random-resized crops and flips come from `order` (pure functions of
-seed, epoch, step and image index), so a step is the same at any world size and a resume continues exactly.
-The crop and the resize are one PIL call (`Image.resize(box=...)`, antialiased). Val: resize the shorter
-side to size / val_crop_ratio, then a center crop (torchvision). Images travel as uint8 and are normalized on
-the device, as NVIDIA's loader does.
+seed, epoch, step and image index, the crops from the manifest's image sizes), so a step is the same at any
+world size and a resume continues exactly. The crop and the resize are one PIL call (`Image.resize(box=...)`,
+antialiased). EXIF orientation is not applied, in any backend: the crop windows are in the stored pixels' frame.
+Val: resize the shorter side to size / val_crop_ratio, then a center crop (torchvision). Images travel as uint8
+and are normalized on the device, as NVIDIA's loader does.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import InterpolationMode, v2
 
-from rn50_ray.core.batching import BatchPlan
+from rn50_ray.core.context import Batch, Loaders
+from rn50_ray.core.run_plan import RunPlan
 from rn50_ray.data import order
 from rn50_ray.data.audit import SampleLog
-from rn50_ray.data.folder import Split
-from rn50_ray.data.types import MEAN, STD, Batch, Loaders, Shard
+from rn50_ray.data.types import MEAN, STD, Shard, Split
 from rn50_ray.errors import DataError
 
 
@@ -60,58 +61,69 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 class TrainImages(Dataset):
-    """Decodes, crops and flips one training image, keyed by (epoch, index)."""
+    """Decodes one training image and applies the crop and flip its key carries."""
 
-    def __init__(self, split: Split, seed: int, area_min: float, size_at: Callable[[int], int], skip_bad: bool):
-        self.samples, self.seed, self.area_min, self.size_at, self.skip_bad = split.samples, seed, area_min, size_at, skip_bad
+    def __init__(self, split: Split, size_at: Callable[[int], int], skip_bad: bool):
+        self.split, self.size_at, self.skip_bad = split, size_at, skip_bad
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.split)
 
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        path, label = self.samples[index]
+    def __getitem__(self, key: tuple[int, int, int, int, int, int, bool]):
+        epoch, index, left, top, width, height, flip = key
+        path = self.split.file(index)
         img = _decode_or_skip(path, self.skip_bad)
         if img is None:
             return None
-        c = order.random_resized_crop(self.seed, epoch, index, img.width, img.height, self.area_min)
+        if img.size != (self.split.widths[index], self.split.heights[index]):
+            raise DataError(
+                f"{path}: {img.width} x {img.height} px, but the data folder's manifest says "
+                f"{self.split.widths[index]} x {self.split.heights[index]} (rewritten in place?); rerun with --rescan"
+            )
         size = self.size_at(epoch)
-        img = img.resize((size, size), Image.BILINEAR, box=(c.left, c.top, c.left + c.width, c.top + c.height))
-        if c.flip:
+        img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + width, top + height))
+        if flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return _to_tensor(img), label, index
+        return _to_tensor(img), int(self.split.labels[index]), index
 
 
 class ValImages(Dataset):
     def __init__(self, split: Split, size: int, crop_ratio: float, skip_bad: bool):
-        self.samples, self.skip_bad = split.samples, skip_bad
+        self.split, self.skip_bad = split, skip_bad
         self.transform = v2.Compose(
             [v2.Resize(round(size / crop_ratio), interpolation=InterpolationMode.BILINEAR), v2.CenterCrop(size)]
         )
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.split)
 
     def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        img = _decode_or_skip(path, self.skip_bad)
-        return None if img is None else (_to_tensor(self.transform(img)), label, index)
+        img = _decode_or_skip(self.split.file(index), self.skip_bad)
+        return None if img is None else (_to_tensor(self.transform(img)), int(self.split.labels[index]), index)
 
 
 class StepSampler(Sampler):
-    """This rank's images of each step of an epoch, from `start_step` on: one list per optimizer step."""
+    """This rank's images of each step of an epoch, from `start_step` on, with their crops: one list per step."""
 
-    def __init__(self, n: int, plan: BatchPlan, rank: int, steps: int, seed: int):
-        self.n, self.plan, self.rank, self.steps, self.seed = n, plan, rank, steps, seed
+    def __init__(self, split: Split, plan: RunPlan, rank: int, seed: int, area_min: float):
+        self.split, self.plan, self.rank, self.seed, self.area_min = split, plan, rank, seed, area_min
+        self.steps = plan.steps_per_epoch
         self.epoch = self.start_step = 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        perm = order.epoch_order(self.n, self.seed, self.epoch)
+    def __iter__(self) -> Iterator[list[tuple]]:
+        perm = order.epoch_order(len(self.split), self.seed, self.epoch)
         for step in range(self.start_step, self.steps):
-            yield [(self.epoch, int(i)) for i in order.step_indices(perm, self.plan, self.rank, step)]
+            idx = order.step_indices(perm, self.plan.batch, self.rank, step)
+            c = order.random_resized_crops(
+                self.seed, self.epoch, idx, self.split.widths[idx], self.split.heights[idx], self.area_min
+            )
+            yield [
+                (self.epoch, int(i), int(x), int(y), int(w), int(h), bool(f))
+                for i, x, y, w, h, f in zip(idx, c.left, c.top, c.width, c.height, c.flip, strict=True)
+            ]
 
     def __len__(self) -> int:
         return self.steps - self.start_step
@@ -164,38 +176,34 @@ class TorchVal:
             yield self.normalize(images, labels)
 
 
-def make_pytorch_loaders(
-    data_cfg,
-    shard: Shard,
-    plan: BatchPlan,
-    train: Split,
-    val: Split,
-    *,
-    steps: int,
-    seed: int,
-    channels_last: bool,
-    val_batch: int,
-    size_at: Callable[[int], int],
-    val_size: int,
-    log: SampleLog | None,
-) -> Loaders:
-    pin = shard.device.type == "cuda" and data_cfg.pin_memory
-    workers, skip = data_cfg.loader_workers, data_cfg.skip_bad_images
-    common = dict(
+def _loader_options(data_cfg, shard: Shard) -> dict:
+    workers = data_cfg.loader_workers
+    return dict(
         num_workers=workers,
         collate_fn=collate_skipping_bad,
-        pin_memory=pin,
+        pin_memory=shard.device.type == "cuda" and data_cfg.pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=data_cfg.prefetch if workers > 0 else None,
     )
-    sampler = StepSampler(len(train), plan, shard.rank, steps, seed)
-    train_loader = DataLoader(TrainImages(train, seed, data_cfg.crop_area_min, size_at, skip), batch_sampler=sampler, **common)
-    mine = list(range(shard.rank, len(val), shard.world_size))  # val: every world_size-th image, read once
-    val_loader = DataLoader(ValImages(val, val_size, data_cfg.val_crop_ratio, skip), batch_size=val_batch, sampler=mine, **common)
+
+
+def make_pytorch_val(data_cfg, shard: Shard, plan: RunPlan, val: Split, *, channels_last: bool) -> TorchVal:
+    mine = list(range(shard.rank, len(val), shard.world_size))  # every world_size-th image, read once
+    images = ValImages(val, plan.val_size, data_cfg.val_crop_ratio, data_cfg.skip_bad_images)
+    loader = DataLoader(images, batch_size=plan.val_batch, sampler=mine, **_loader_options(data_cfg, shard))
+    return TorchVal(loader, DeviceNormalizer(shard.device, channels_last))
+
+
+def make_pytorch_loaders(
+    data_cfg, shard: Shard, plan: RunPlan, train: Split, val: Split, *, seed: int, channels_last: bool, log: SampleLog | None
+) -> Loaders:
+    sampler = StepSampler(train, plan, shard.rank, seed, data_cfg.crop_area_min)
+    images = TrainImages(train, plan.sizes.at, data_cfg.skip_bad_images)
+    train_loader = DataLoader(images, batch_sampler=sampler, **_loader_options(data_cfg, shard))
     normalize = DeviceNormalizer(shard.device, channels_last)
     return Loaders(
         TorchTrain(train_loader, sampler, normalize, log),
-        TorchVal(val_loader, normalize),
+        make_pytorch_val(data_cfg, shard, plan, val, channels_last=channels_last),
         len(train.classes),
         len(train),
         len(val),

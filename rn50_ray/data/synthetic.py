@@ -9,9 +9,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from rn50_ray.core.batching import BatchPlan
+from rn50_ray.core.context import Batch, Loaders
+from rn50_ray.core.run_plan import RunPlan
 from rn50_ray.core.seeds import seed_for
-from rn50_ray.data.types import Batch, Loaders, Shard
+from rn50_ray.data.types import Shard
 
 SYNTHETIC_CLASSES = 1000
 
@@ -39,17 +40,9 @@ class SyntheticVal:
 
 
 def make_synthetic_loaders(
-    data_cfg,
-    shard: Shard,
-    plan: BatchPlan,
-    *,
-    seed: int,
-    channels_last: bool,
-    size_at: Callable[[int], int],
-    val_batch: int,
-    num_classes: int = SYNTHETIC_CLASSES,
+    shard: Shard, plan: RunPlan, *, seed: int, channels_last: bool, num_classes: int = SYNTHETIC_CLASSES
 ) -> Loaders:
-    share = plan.share(shard.rank)
+    share = plan.batch.share(shard.rank)
 
     def make(size: int) -> Batch:
         g = torch.Generator().manual_seed(seed_for("synthetic", seed, shard.rank))
@@ -58,10 +51,8 @@ def make_synthetic_loaders(
             images = images.contiguous(memory_format=torch.channels_last)
         return images, torch.randint(0, num_classes, (share,), generator=g).to(shard.device)
 
-    steps = max(data_cfg.synthetic_samples // plan.global_size, 1)
-    images, labels = make(data_cfg.val_image_size or data_cfg.image_size)
-    val = images[:val_batch], labels[:val_batch]
-    notes = [f"data: synthetic backend, {steps} steps per epoch of {plan.global_size} images"]
-    return Loaders(
-        SyntheticTrain(make, steps, size_at), SyntheticVal(val), num_classes, steps * plan.global_size, len(val[1]), notes
-    )
+    images, labels = make(plan.val_size)
+    val = images[: plan.val_batch], labels[: plan.val_batch]
+    notes = [f"data: synthetic backend, {plan.steps_per_epoch} steps per epoch of {plan.global_batch} images"]
+    train = SyntheticTrain(make, plan.steps_per_epoch, plan.sizes.at)
+    return Loaders(train, SyntheticVal(val), num_classes, plan.train_images, len(val[1]), notes)

@@ -1,240 +1,36 @@
 """MLflow tracking: one MLflow run per training run, written from one place, exactly once.
 
-Design. The driver opens the MLflow run (or reopens it: its id is kept in the run folder as
-`mlflow.json`), logs the resolved config as params and the provenance tags, and starts a `MetricSink`
-as a Ray actor on its own node. Rank 0 of the current worker group sends metric records and start
-events to that actor without waiting. Worker restarts, elastic resizes and driver restarts therefore
-all continue the same MLflow run; the sink drops steps it has already logged (a restart retrains the
-steps since the last checkpoint), so no step is logged twice. A worker failure is recorded on the run
-(`rn50.starts` counts worker-group starts) and never ends it; only the driver ends it, FINISHED, FAILED
-or KILLED, after logging the artifacts and the model. Ray's own MLflowLoggerCallback is Tune-only and
-Train V2 ships no MLflow callback, hence this module.
+The driver opens the MLflow run (or reopens it: its id is kept in the run folder as `mlflow.json`) and starts a
+`MetricSink` actor on its own node; rank 0 sends metrics to it without waiting, so restarts, resizes and driver
+restarts all continue the same MLflow run and no step is logged twice. Rooms:
+
+- run.py        the run: tracking URI, reachability, open/reopen, provenance, results and delete
+- sink.py       the MetricSink actor: buffered, retried, never stalls training
+- artifacts.py  plots and the model (pt2)
+- search.py     a Tune search's parent run and its trials' runs
+- server.py     the cluster's supervised `mlflow server`
 """
 
-from __future__ import annotations
+from rn50_ray.tracking.run import (
+    RUN_FILE,
+    TrackedRun,
+    check_tracking,
+    delete_run,
+    embedded_store,
+    log_run_folder,
+    open_run,
+    resolve_uri,
+    ui_url,
+)
 
-import importlib.metadata
-import json
-import os
-import socket
-import subprocess
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-from rn50_ray import run_folder
-from rn50_ray.config import Config, flatten
-from rn50_ray.errors import UserError
-from rn50_ray.tracking.sink import quick_failing_http
-
-RUN_FILE = "mlflow.json"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
-
-
-def embedded_store(storage: str) -> tuple[str, str]:
-    """The laptop default: a SQLite store and an artifact folder beside the runs. SQLite cannot live on an
-    object store, so with remote storage the store is ./runs on this machine (open_run says so)."""
-    root = Path("runs" if run_folder.is_remote(storage) else storage).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}", (root / "mlartifacts").as_uri()
-
-
-def resolve_uri(cfg: Config) -> tuple[str, str | None]:
-    """(tracking URI, artifact root for a new experiment or None for the server's default). A SQLite store
-    keeps its artifacts beside it (mlartifacts/), wherever the command runs: never MLflow's ./mlruns."""
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not uri:
-        return embedded_store(cfg.run.storage)
-    if uri.startswith("sqlite:///"):
-        return uri, (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return uri, None
-
-
-def unreachable(uri: str) -> str | None:
-    """Why the tracking store cannot be used now, or None."""
-    quick_failing_http()
-    try:
-        if uri.startswith(("http://", "https://")):
-            import requests
-
-            r = requests.get(uri.rstrip("/") + "/health", timeout=5)
-            return None if r.ok else f"HTTP {r.status_code} from {uri}/health"
-        from mlflow import MlflowClient
-
-        MlflowClient(uri).search_experiments(max_results=1)
-        return None
-    except Exception as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-
-
-def _git_commit() -> str:
-    """The checkout's commit; or RN50_GIT_COMMIT, which a client sets where the code travels without .git
-    (`ray job submit --working-dir .` leaves it out: the README's submit command passes the commit)."""
-    if os.environ.get("RN50_GIT_COMMIT"):
-        return os.environ["RN50_GIT_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def _version(*dists: str) -> str:
-    """The installed version of the first of `dists` that is installed (read from its metadata: no import)."""
-    for dist in dists:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return "not installed"
-
-
-def provenance_tags(cfg: Config, run_uri: str) -> dict[str, str]:
-    return {
-        "git_commit": _git_commit(),
-        "ray_version": _version("ray"),
-        "torch_version": _version("torch"),
-        "torchvision_version": _version("torchvision"),
-        "dali_version": _version("nvidia-dali-cuda120", "nvidia-dali-cuda130", "nvidia-dali-cuda110"),
-        "mlflow_version": _version("mlflow"),
-        "driver_host": socket.gethostname(),
-        "rn50.run_uri": run_uri,
-        "rn50.workers": cfg.scale.workers,
-        "rn50.gpus_per_worker": str(cfg.scale.gpus_per_worker),
-        "data_path": cfg.data.path,
-    }
-
-
-@dataclass
-class TrackedRun:
-    uri: str
-    run_id: str
-    experiment_id: str
-    resumed: bool
-
-    def to_json(self) -> str:
-        return json.dumps({"uri": self.uri, "run_id": self.run_id, "experiment_id": self.experiment_id})
-
-    @classmethod
-    def from_json(cls, text: str) -> TrackedRun:
-        known = json.loads(text)
-        return cls(known["uri"], known["run_id"], known["experiment_id"], True)
-
-
-def open_run(cfg: Config, run_uri: str, read_file, write_file) -> TrackedRun | None:
-    """Create the MLflow run of this training run, or reopen the one it already has."""
-    if cfg.tracking.mode == "off":
-        return None
-    uri, artifact_root = resolve_uri(cfg)
-    if artifact_root and run_folder.is_remote(cfg.run.storage):
-        print(
-            f"tracking: an MLflow store cannot live on {cfg.run.storage}; this run's is {uri} on this machine "
-            f"(pass --mlflow-uri to use a tracking server)",
-            flush=True,
-        )
-    problem = unreachable(uri)
-    if problem:
-        message = f"tracking.uri: MLflow at {uri} is unreachable ({problem})"
-        if cfg.tracking.mode == "required":
-            raise UserError(f"{message}; start it, fix --mlflow-uri, or pass --tracking optional to train without it")
-        print(f"tracking: warning: {message}; training without MLflow (--tracking optional)", flush=True)
-        return None
-    from mlflow import MlflowClient
-    from mlflow.entities import Param
-
-    client = MlflowClient(uri)
-    known = json.loads(read_file(RUN_FILE) or "{}")
-    if known.get("uri") == uri and known.get("run_id"):
-        try:
-            client.update_run(known["run_id"], status="RUNNING")
-            print(f"tracking: continuing MLflow run {known['run_id']} at {uri}", flush=True)
-            return TrackedRun(uri, known["run_id"], known["experiment_id"], True)
-        except Exception as e:  # deleted, or another store: start a new one, and say so
-            print(f"tracking: MLflow run {known['run_id']} not found ({type(e).__name__}); starting a new one", flush=True)
-    exp_id = experiment_id(client, cfg.tracking.experiment, artifact_root)
-    tags = provenance_tags(cfg, run_uri)
-    if cfg.tracking.parent_run_id:
-        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id  # the UI nests the run under it
-    run = client.create_run(exp_id, run_name=cfg.run.name, tags=tags)
-    params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg.to_dict()).items()]
-    for i in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[i : i + 100])
-    tracked = TrackedRun(uri, run.info.run_id, exp_id, False)
-    write_file(RUN_FILE, tracked.to_json())
-    print(f"tracking: MLflow run {run.info.run_id} in experiment {cfg.tracking.experiment!r} at {uri}", flush=True)
-    return tracked
-
-
-# MLflow 3's UI has a GenAI view (traces, prompts) and a model-training view. It reads this tag where its
-# GenAI/Model-training switch is off; where the switch is on (3.17's default), the view comes from the switch's
-# per-browser setting (GenAI at first) or the `workflowType` URL parameter, so the links this project prints
-# carry TRAINING_VIEW.
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-TRAINING_VIEW = "workflowType=machine_learning"
-
-
-def ui_url(server: str, experiment_id: str = "", run_id: str = "") -> str:
-    """A link into the MLflow UI at `server` (http://...), opening in the model-training view."""
-    path = "/#/experiments" + (f"/{experiment_id}" if experiment_id else "") + (f"/runs/{run_id}" if run_id else "")
-    return f"{server.rstrip('/')}{path}?{TRAINING_VIEW}"
-
-
-def experiment_id(client, name: str, artifact_root: str | None) -> str:
-    """The experiment's id, made if it does not exist yet (with its artifacts under `artifact_root`), and tagged
-    as model training either way."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        return client.create_experiment(name, artifact_location=artifact_root, tags=EXPERIMENT_KIND)
-    for key, value in EXPERIMENT_KIND.items():
-        if experiment.tags.get(key) != value:
-            client.set_experiment_tag(experiment.experiment_id, key, value)
-    return experiment.experiment_id
-
-
-def log_results(tracked: TrackedRun, cfg: Config, files: dict[str, str], history: list[dict[str, Any]], best: str | None) -> None:
-    """The end of a run: config and log files, plots, the best checkpoint and the model."""
-    import tempfile
-
-    from mlflow import MlflowClient
-
-    from rn50_ray.tracking import artifacts
-
-    client = MlflowClient(tracked.uri)
-    with tempfile.TemporaryDirectory(prefix="rn50-mlflow-") as tmp:
-        for name, text in files.items():
-            (Path(tmp) / name).write_text(text)
-            client.log_artifact(tracked.run_id, str(Path(tmp) / name))
-        for path in artifacts.plots(cfg, history, Path(tmp) / "plots", files):
-            client.log_artifact(tracked.run_id, str(path), "plots")
-    if best and not cfg.tracking.log_checkpoint:  # where it lies, instead of a copy (a search's trials)
-        client.set_tag(tracked.run_id, "rn50.best_checkpoint", best)
-    if best and (cfg.tracking.log_checkpoint or cfg.tracking.log_model):
-        with run_folder.local_copy(best) as local:
-            if cfg.tracking.log_checkpoint:
-                client.log_artifacts(tracked.run_id, local, "checkpoints/best")
-            if cfg.tracking.log_model:
-                artifacts.log_model(tracked, cfg, local)
-
-
-def log_run_folder(cfg: Config, tracked: TrackedRun, run: str, best: str | None) -> None:
-    """The run folder's config, epoch records and per-class val top-1, their plots (the confusion matrix's too),
-    and (given `best`) the checkpoint and model."""
-    from rn50_ray.core.per_class import CONFUSION_FILE, PER_CLASS_FILE
-
-    text = run_folder.read_file(run, "metrics.jsonl") or ""
-    history = [json.loads(line) for line in text.splitlines()]
-    files = {"config.yaml": cfg.to_yaml(), "metrics.jsonl": text}
-    for name in (PER_CLASS_FILE, CONFUSION_FILE):
-        if found := run_folder.read_file(run, name):
-            files[name] = found
-    log_results(tracked, cfg, files, history, best)
-
-
-def delete_run(tracked: TrackedRun) -> None:
-    """Bad input stopped the run before its first checkpoint: leave no MLflow run behind either."""
-    from mlflow import MlflowClient
-
-    try:
-        MlflowClient(tracked.uri).delete_run(tracked.run_id)
-    except Exception as e:
-        print(f"tracking: could not delete MLflow run {tracked.run_id} ({type(e).__name__})", flush=True)
+__all__ = [
+    "RUN_FILE",
+    "TrackedRun",
+    "check_tracking",
+    "delete_run",
+    "embedded_store",
+    "log_run_folder",
+    "open_run",
+    "resolve_uri",
+    "ui_url",
+]

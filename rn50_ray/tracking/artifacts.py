@@ -9,25 +9,27 @@ from typing import Any
 import torch
 
 from rn50_ray.config import Config
+from rn50_ray.core.run_plan import RunPlan, val_size
 
 
-def lr_curve(cfg: Config, steps_per_epoch: int) -> list[float]:
+def lr_curve(cfg: Config, plan: RunPlan) -> list[float]:
     """The LR at every optimizer step, from the very scheduler training uses."""
     from rn50_ray.core import recipe
-    from rn50_ray.core.batching import peak_lr
 
     param = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([param], lr=peak_lr(cfg.optim.lr_per_256, cfg.batch.global_size))
-    sched = recipe.build_scheduler(opt, cfg.schedule, steps_per_epoch)
+    opt = torch.optim.SGD([param], lr=plan.peak_lr)
+    sched = recipe.build_scheduler(opt, cfg.schedule, plan.steps_per_epoch)
     lrs = []
-    for _ in range(cfg.schedule.epochs * steps_per_epoch):
+    for _ in range(plan.total_steps):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
     return lrs
 
 
-def plots(cfg: Config, history: list[dict[str, Any]], out: Path, files: dict[str, str] | None = None) -> list[Path]:
+def plots(
+    cfg: Config, plan: RunPlan, history: list[dict[str, Any]], out: Path, files: dict[str, str] | None = None
+) -> list[Path]:
     """Loss and accuracy per epoch, the LR schedule and, where the run folder has it, the val confusion matrix,
     as PNGs."""
     if not history:
@@ -53,10 +55,9 @@ def plots(cfg: Config, history: list[dict[str, Any]], out: Path, files: dict[str
     fig.savefig(curves, dpi=100)
     plt.close(fig)
 
-    steps_per_epoch = max(history[0]["step"] // history[0]["epoch"], 1)
-    lrs = lr_curve(cfg, steps_per_epoch)
+    lrs = lr_curve(cfg, plan)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([i / steps_per_epoch for i in range(len(lrs))], lrs)
+    ax.plot([i / plan.steps_per_epoch for i in range(len(lrs))], lrs)
     ax.set(
         xlabel="epoch", ylabel="learning rate", title=f"LR schedule ({cfg.schedule.kind}, {cfg.schedule.warmup_epochs:g} warmup)"
     )
@@ -111,7 +112,7 @@ def log_model(tracked, cfg: Config, checkpoint: str) -> None:
     model = build_model(**model_kwargs(cfg.model, state["num_classes"], channels_last=False))
     model.load_state_dict(state["model"])
     model.eval()
-    size = cfg.data.val_image_size or cfg.data.image_size
+    size = val_size(cfg.data)  # the input size of the val pipeline
     example = torch.zeros(2, 3, size, size).numpy()  # a batch of 2: torch.export keeps a size-1 dimension static
     before = mlflow.get_tracking_uri() if os.environ.get("MLFLOW_TRACKING_URI") else None
     mlflow.set_tracking_uri(tracked.uri)  # the fluent API has no client argument; it also sets the env var

@@ -38,8 +38,13 @@ class MetricSink:
         system_metrics: bool = False,
         flush_every_s: float = 2.0,
         rewind_to: int | None = None,
+        credentials=None,
     ):
+        """`credentials`: a tracking.credentials.Secret for a server with authentication on; this actor's
+        process takes them into its environment (never a runtime_env, which the dashboard shows)."""
         quick_failing_http()
+        if credentials is not None:
+            credentials.apply()
         from mlflow import MlflowClient
 
         self.client, self.run_id = MlflowClient(tracking_uri), run_id

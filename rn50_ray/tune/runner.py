@@ -17,6 +17,7 @@ from rn50_ray import run_folder
 from rn50_ray.config import Config, flatten
 from rn50_ray.errors import ConfigError, UserError
 from rn50_ray.tracking import search as search_tracking
+from rn50_ray.tracking.credentials import for_server
 from rn50_ray.tune.results import last_record, results_table, to_csv
 from rn50_ray.tune.spaces import Space
 from rn50_ray.tune.trial import SearchSetup, current_segment, train_trial, trial_config, trial_run
@@ -128,9 +129,12 @@ def trial_base(space: Space, cfg: Config) -> Config:
     return cfg.with_overrides({**flatten(space.base), **trial_scale}, f"{space.source} (base, resources)")
 
 
-def run_search(space: Space, cfg: Config, *, name: str, storage: str, resume: bool = False) -> dict[str, Any]:
+def run_search(
+    space: Space, cfg: Config, *, name: str, storage: str, resume: bool = False, rescan: bool = False
+) -> dict[str, Any]:
     from rn50_ray.config import resolve
-    from rn50_ray.driver import connect, precheck_data
+    from rn50_ray.data.checks import usable_dataset
+    from rn50_ray.driver import connect
 
     cfg = resolve(trial_base(space, cfg))
     if cfg.tracking.mode != "off":  # one store for the parent and every trial, even the embedded one
@@ -143,13 +147,14 @@ def run_search(space: Space, cfg: Config, *, name: str, storage: str, resume: bo
     saved = run_folder.read_file(search_dir, "base_config.yaml") if resume else None
     if saved:  # the search's own config (data, tracking store), whatever this command line says
         cfg = Config.from_dict(yaml.safe_load(saved), source=f"{search_dir}/base_config.yaml")
-    bad_files = precheck_data(cfg)
+    usable_dataset(cfg, rescan=rescan)  # scanned and screened once for the whole search; each trial reads its manifest
     connect(cfg)
     check_cluster(space, cfg)
     parent = search_tracking.open_parent(cfg, space, name, search_dir)
     setup = SearchSetup(
-        cfg.to_dict(), run_folder.join(search_dir, "trials"), parent.run_id if parent else "", bad_files,
+        cfg.to_dict(), run_folder.join(search_dir, "trials"), parent.run_id if parent else "",
         log_models=space.log_models, log_checkpoints=space.log_checkpoints,
+        credentials=for_server(cfg.tracking.uri) if cfg.tracking.mode != "off" else None,
     )  # fmt: skip
     # The trial's driver takes a sliver of a CPU; Train asks for the workers.
     trainable = ray.tune.with_resources(ray.tune.with_parameters(train_trial, setup=setup), {"CPU": 0.01})

@@ -27,6 +27,7 @@ from rn50_ray import run_folder
 from rn50_ray.config import Config
 from rn50_ray.core.checkpoint import run_name_of, step_of
 from rn50_ray.tracking import RUN_FILE
+from rn50_ray.tracking.credentials import Secret
 from rn50_ray.tracking.search import note_exploit
 
 POINTER = "train_checkpoint.json"  # in a Tune checkpoint: where the trial's Train checkpoint is
@@ -41,9 +42,9 @@ class SearchSetup:
     base: dict[str, Any]  # the search's resolved base config
     trials_dir: str
     parent_run: str  # the search's MLflow run id, or ""
-    bad_files: list[str]  # undecodable files the search's screen found once
     log_models: str = "best"  # best | all | none: which trials' models reach MLflow
     log_checkpoints: str = "uri"  # uri | copy: a trial's best checkpoint in MLflow as its URI, or a copy
+    credentials: Secret | None = None  # for a tracking server with authentication on: the search's, handed on
 
     @property
     def epochs(self) -> int:
@@ -52,7 +53,7 @@ class SearchSetup:
 
 def trial_config(setup: SearchSetup, params: dict[str, Any], segment: str, init_from: str = "") -> Config:
     overrides = {**params, "run.storage": setup.trials_dir, "run.name": segment, "tracking.parent_run_id": setup.parent_run}
-    overrides.update({"run.init_from": init_from, "scale.check_resources": False, "data.screen_images": False})
+    overrides.update({"run.init_from": init_from, "scale.check_resources": False})
     overrides.update(
         {"tracking.log_model": setup.log_models == "all", "tracking.log_checkpoint": setup.log_checkpoints == "copy"}
     )
@@ -63,6 +64,8 @@ def train_trial(params: dict[str, Any], setup: SearchSetup) -> None:
     """The trainable: run the trial's Train run in a thread, passing each epoch's result on to Tune."""
     from rn50_ray.driver import run_training
 
+    if setup.credentials is not None:  # a trial may run on a node without the head's credentials file
+        setup.credentials.apply()
     trial_id = ray.tune.get_context().get_trial_id()
     segment, init_from = _segment(setup, trial_id, _tune_start())
     cfg = trial_config(setup, params, segment, init_from)
@@ -77,7 +80,7 @@ def train_trial(params: dict[str, Any], setup: SearchSetup) -> None:
 
     def train() -> None:
         try:
-            run_training(cfg, callbacks=[callback], bad_files=setup.bad_files)
+            run_training(cfg, callbacks=[callback])  # reads the manifest the search built: no scan
         except BaseException as e:  # raised again in the trial's own thread, where Tune sees it
             outcome["error"] = e
 
