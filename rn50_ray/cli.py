@@ -319,7 +319,14 @@ def _stop_log_forwarding() -> None:
         ray.shutdown()
 
 
+# Ray folds log lines that several workers print alike into one ("[repeated 6x across cluster]"). The training's
+# own lines come from one rank at a time, and under --fault-tolerance replica that rank changes hands: never
+# folded. Read by Ray when it is imported, so set before any command imports it.
+PROGRESS_LINES = r"^(epoch \d+/\d+ |plan: |replica: |storage: |checkpoint |resumed from |resize: |first step )"
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", PROGRESS_LINES)
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)

@@ -160,6 +160,12 @@ class ScaleConfig:
         "unlimited, 0 ends the run at the first. Preemptions with notice and bad input are not counted",
         check=(lambda v: v >= -1, "an integer >= -1"),
     )
+    fault_tolerance: str = _opt(
+        "restart",
+        "restart: a lost worker restarts the worker group from the last checkpoint; replica: the others go on with "
+        "every step (torchft), and the lost worker's replacement copies the live state from a peer",
+        choices=("restart", "replica"),
+    )
     address: str = _opt("", "Ray address; empty starts a local Ray (or joins RAY_ADDRESS)")
     check_resources: bool = _opt(True, "fail fast when the cluster cannot place MIN workers (off for autoscalers)")
     resize_interval_s: float = _opt(60.0, "seconds between checks for room to grow an elastic run", check=NON_NEGATIVE)

@@ -74,6 +74,10 @@ def check_storage(cfg: Config) -> None:
 def connect(cfg: Config) -> None:
     # Worker prints reach the console once, through Ray's log forwarding, not twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if cfg.scale.fault_tolerance == "replica":
+        from rn50_ray.replica import quiet_torchft
+
+        quiet_torchft()  # before Ray starts: a local Ray's processes (the Lighthouse's) inherit this environment
     if ray.is_initialized():
         return
     address = cfg.scale.address or os.environ.get("RAY_ADDRESS") or None
@@ -124,6 +128,16 @@ class EndOnUserError(ray.train.UserCallback):
                 raise UserError(message)
 
 
+def torch_config(cfg: Config) -> ray.train.torch.TorchConfig:
+    """gloo or NCCL; under --fault-tolerance replica, Ray's TorchftConfig (each worker a replica group)."""
+    gpus = cfg.scale.gpus_per_worker > 0
+    if cfg.scale.fault_tolerance == "replica":
+        from rn50_ray.replica import torchft_config
+
+        return torchft_config(gpus)
+    return ray.train.torch.TorchConfig(backend="nccl" if gpus else "gloo")
+
+
 def build_trainer(
     cfg: Config, dataset: Dataset | None, tracker=None, callbacks: list | None = None
 ) -> ray.train.torch.TorchTrainer:
@@ -138,7 +152,7 @@ def build_trainer(
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_uri": run_uri(cfg), "dataset": dataset_ref(dataset), "tracker": tracker},
-        torch_config=ray.train.torch.TorchConfig(backend="nccl" if gpus else "gloo"),
+        torch_config=torch_config(cfg),
         scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
@@ -214,8 +228,9 @@ def run_training(cfg: Config, *, callbacks: list | None = None, rescan: bool = F
     summary["run_uri"] = uri
     if summary.get("first_step_unix"):  # from this process's start: imports, Ray, workers, data, model
         summary["startup_s"] = summary["first_step_unix"] - psutil.Process().create_time()
-    latest = getattr(result, "checkpoint", None)
-    summary["checkpoint"] = run_folder.join(uri, run_folder.basename(latest.path)) if latest else None
+    latest = getattr(result, "checkpoint", None)  # None under --fault-tolerance replica: no Ray report
+    names = run_folder.checkpoints(uri) if latest is None else [run_folder.basename(latest.path)]
+    summary["checkpoint"] = run_folder.join(uri, names[-1]) if names else None
     summary["best_checkpoint"] = run_folder.best_checkpoint(uri)
     per_class = run_folder.read_file(uri, PER_CLASS_FILE)
     if per_class:

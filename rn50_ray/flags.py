@@ -39,6 +39,7 @@ TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--gpus-per-worker": ("scale.gpus_per_worker", {"type": float}),
     "--cpus-per-worker": ("scale.cpus_per_worker", {"type": float}),
     "--max-failures": ("scale.max_failures", {"type": int}),
+    "--fault-tolerance": ("scale.fault_tolerance", {}),
     "--address": ("scale.address", {}),
     "--no-resource-check": ("scale.check_resources", {"action": "store_const", "const": False}),
     "--resize-interval": ("scale.resize_interval_s", {"type": float}),

@@ -137,7 +137,13 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
     _quiet_report_log()
     error_log.install()  # a UserError's traceback goes to a log file; its one line reaches the terminal
     cfg = Config.from_dict(payload["config"], source="worker config")
-    ctx = RayContext(payload["run_uri"], payload.get("tracker"), cfg.run.init_from, cfg.run.storage_retry_s)
+    args = (payload["run_uri"], payload.get("tracker"), cfg.run.init_from, cfg.run.storage_retry_s)
+    if cfg.scale.fault_tolerance == "replica":
+        from rn50_ray.replica import ReplicaContext
+
+        ctx = ReplicaContext(*args, keep=cfg.run.keep_checkpoints)
+    else:
+        ctx = RayContext(*args)
     dataset = worker_dataset(payload["dataset"], cfg)  # the manifest the driver checked: no scan
     plan = plan_for(cfg, dataset, ctx.world_size)
     shard = Shard(ctx.world_rank, ctx.world_size, ctx.device)

@@ -15,7 +15,15 @@ PACKAGE = ROOT / "rn50_ray"
 
 # Which modules may import each heavy dependency, anywhere in the module.
 ALLOWED = {
-    "ray": {"rn50_ray.driver", "rn50_ray.worker", "rn50_ray.tune.runner", "rn50_ray.tune.trial", "rn50_ray.tune.spaces"},
+    "ray": {
+        "rn50_ray.driver",
+        "rn50_ray.worker",
+        "rn50_ray.replica",
+        "rn50_ray.tune.runner",
+        "rn50_ray.tune.trial",
+        "rn50_ray.tune.spaces",
+    },
+    "torchft": {"rn50_ray.replica"},
     "nvidia": {"rn50_ray.data.dali"},
     "mlflow": {"rn50_ray.tracking.run", "rn50_ray.tracking.sink", "rn50_ray.tracking.artifacts", "rn50_ray.tracking.search"},
 }

@@ -32,6 +32,10 @@ class TrainBatches(Protocol):
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """This rank's batches of steps start_step.. of `epoch`, one per optimizer step."""
 
+    def set_share(self, plan, rank: int) -> None:
+        """From the next `epoch` call on, the share of rank `rank` of the run plan `plan` (a RunPlan at the
+        world size of the ranks taking part): a no-op where it is the share already read."""
+
 
 class ValBatches(Protocol):
     def batches(self) -> Iterator[Batch]:
@@ -50,6 +54,7 @@ class Loaders:
     backend: str = ""  # the resolved backend
     classes: tuple[str, ...] = ()  # class folder names, by label
     class_names: dict[str, str] = field(default_factory=dict)  # folder -> readable name (the data's classes.json)
+    sample_log: Any = None  # data.sample_log's writer: told when a step commits (data/audit.py)
 
 
 class TrainContext(Protocol):

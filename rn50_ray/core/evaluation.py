@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,10 +21,13 @@ def evaluate(
     device: torch.device,
     flip_tta: bool = False,
     confusion: bool = False,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Top-1, top-5 (in %) and loss over this rank's batches, summed over all ranks by torchmetrics. With
     `flip_tta`, on the mean of the logits of each image and its mirror image; with `confusion`, also the
-    confusion matrix (rows: true class, columns: predicted), as lists."""
+    confusion matrix (rows: true class, columns: predicted), as lists. `reduce` sums a tensor over the ranks
+    where torch.distributed does not span them (replica groups): every metric state here is a sum, so summing
+    each is the sync."""
     # Imported here: torchmetrics is slow to import, and only evaluation needs it.
     from torchmetrics import MeanMetric
     from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
@@ -44,6 +48,10 @@ def evaluate(
         if matrix is not None:
             matrix.update(logits, labels)
     model.train(was_training)
+    if reduce is not None:
+        for metric in (top1, top5, loss, matrix):
+            for name, value in metric.metric_state.items() if metric is not None else ():
+                setattr(metric, name, reduce(value).to(value.dtype))
     result: dict[str, Any] = {
         "top1": 100 * top1.compute().item(),
         "top5": 100 * top5.compute().item(),

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from rn50_ray.core import checkpoint as ckpt
@@ -23,19 +22,13 @@ from rn50_ray.core.evaluation import evaluate
 from rn50_ray.core.per_class import CONFUSION_FILE, PER_CLASS_FILE, matrix_to_csv, per_class_rows, rows_to_csv, worst
 from rn50_ray.core.run_plan import RunPlan
 from rn50_ray.core.seeds import seed_for
+from rn50_ray.core.sync import FixedSync, StepSync
 from rn50_ray.core.trainer import Trainer
 
 
 def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _all_reduce_sum(values: torch.Tensor, device: torch.device) -> list[float]:
-    t = values.to(torch.float64 if device.type == "cpu" else torch.float32)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 def _fmt_time(seconds: float) -> str:
@@ -64,33 +57,57 @@ class EpochStats:
     loss: float  # mean per-image loss over the steps this start trained
     steps: int
     seconds: float
+    complete: bool = True  # False: a heal moved this rank into another epoch before this one ended
 
 
-def train_epoch(cfg, ctx: TrainContext, trainer: Trainer, model: nn.Module, train: TrainBatches, cadence: Cadence) -> EpochStats:
+def train_epoch(
+    cfg,
+    ctx: TrainContext,
+    trainer: Trainer,
+    model: nn.Module,
+    train: TrainBatches,
+    cadence: Cadence,
+    sync: StepSync,
+    sample_log=None,
+) -> EpochStats:
     """The rest of epoch `trainer.progress.epoch` from its step_in_epoch: steps, progress lines every
-    run.log_every steps (the interval's one host sync), preemption and mid-epoch checkpoints."""
-    p, plan, device = trainer.progress, trainer.plan, ctx.device
-    epoch, start, steps_per_epoch = p.epoch, p.step_in_epoch, plan.steps_per_epoch
+    run.log_every steps (the interval's one host sync), preemption and mid-epoch checkpoints. Each step is planned
+    for the ranks the sync says take part in it; one that does not commit is trained again on the same images.
+    A heal that moves this rank into another epoch ends this one early (the caller goes on from the new state)."""
+    p, device = trainer.progress, ctx.device
+    epoch, steps_per_epoch = p.epoch, trainer.plan.steps_per_epoch
     t_epoch = t_mark = time.perf_counter()
-    data_wait, interval_steps = 0.0, 0
+    data_wait, interval_steps, images = 0.0, 0, 0
     loss_sum, epoch_loss = torch.zeros((), device=device), torch.zeros((), device=device)
-    batches = iter(train.epoch(epoch, start))
-    while True:
+    share, batches, heals = None, None, sync.heals
+    while p.step_in_epoch < steps_per_epoch:
+        step_plan, rank = sync.begin_step()
+        if p.epoch != epoch:  # healed into another epoch
+            return EpochStats(float("nan"), 0, time.perf_counter() - t_epoch, complete=False)
+        if batches is None or (step_plan.world_size, rank) != share or sync.heals != heals:
+            share, heals = (step_plan.world_size, rank), sync.heals
+            train.set_share(step_plan, rank)
+            batches = iter(train.epoch(epoch, p.step_in_epoch))
         t0 = time.perf_counter()
-        item = next(batches, None)
+        x, y = next(batches)
         data_wait += time.perf_counter() - t0
-        if item is None:
-            break
-        images, labels = item
         if trainer.mixup is not None:
-            torch.manual_seed(seed_for("mixup", cfg.system.seed, p.step, ctx.world_rank))
-            images, labels = trainer.mixup(images, labels)
-        loss = trainer.step(model, images, labels)
+            torch.manual_seed(seed_for("mixup", cfg.system.seed, p.step, rank))
+            x, y = trainer.mixup(x, y)
+        loss = trainer.backward(model, x, y, step_plan, rank)
+        if not sync.commit():
+            trainer.discard()
+            batches = None  # the same step again: its images are read anew
+            continue
+        trainer.apply()
+        if sample_log is not None:
+            sample_log.commit()
         p.step += 1
         p.step_in_epoch += 1
         loss_sum += loss
         epoch_loss += loss
         interval_steps += 1
+        images += len(x)
         checkpoint_now = cadence.should_checkpoint(p.step)
         if p.step_in_epoch % cfg.run.log_every == 0 or p.step_in_epoch == steps_per_epoch:
             # The interval's one host sync: an all-reduce of the loss, of rank 0's word on asking about
@@ -102,7 +119,7 @@ def train_epoch(cfg, ctx: TrainContext, trainer: Trainer, model: nn.Module, trai
             decide = decide and _preemption_checkpoint(ctx, notice, cadence.last_report_s, p.step)
             ask_next = ctx.world_rank == 0 and time.monotonic() >= cadence.next_ask
             flags = loss_sum.new_tensor([float(ask_next), float(decide)])
-            total_loss, asked, decided = _all_reduce_sum(torch.cat((loss_sum.reshape(1), flags)), device)
+            total_loss, asked, decided = sync.all_reduce_sum(torch.cat((loss_sum.reshape(1), flags))).tolist()
             cadence.ask_now = asked > 0
             if decided > 0:
                 cadence.preempt_saved, checkpoint_now = True, True
@@ -110,12 +127,13 @@ def train_epoch(cfg, ctx: TrainContext, trainer: Trainer, model: nn.Module, trai
             loss_sum.zero_()
             interval_steps, data_wait, t_mark = 0, 0.0, time.perf_counter()
         if checkpoint_now and p.step_in_epoch < steps_per_epoch:  # the epoch's end reports anyway
+            sync.settle(trainer.model)
             t_report = time.perf_counter()
             report(ctx, trainer, {"epoch": epoch, "step": p.step, "world_size": ctx.world_size})
             cadence.last_report_s = time.perf_counter() - t_report
-    steps = p.step_in_epoch - start
-    (loss_total,) = _all_reduce_sum(epoch_loss.reshape(1), device)
-    return EpochStats(loss_total / max(steps * plan.global_batch, 1), steps, time.perf_counter() - t_epoch)
+    loss_total, images_total = sync.all_reduce_sum(torch.stack((epoch_loss, epoch_loss.new_tensor(float(images))))).tolist()
+    steps = round(images_total / trainer.plan.global_batch)
+    return EpochStats(loss_total / max(images_total, 1), steps, time.perf_counter() - t_epoch, p.epoch == epoch)
 
 
 def _log_interval(cfg, ctx, trainer: Trainer, total_loss: float, steps: int, elapsed: float, data_wait: float):
@@ -190,7 +208,9 @@ def fit(cfg, ctx: TrainContext, loaders: Loaders, plan: RunPlan) -> dict[str, An
             _resume(ctx, trainer, resume, plan)
     progress = trainer.progress
     progress.world_size = ctx.world_size
-    model = trainer.wrap(ctx.world_size)
+    make_sync = getattr(ctx, "make_sync", None)  # a context of replica groups brings its own (rn50_ray/replica.py)
+    sync = make_sync(trainer, plan) if make_sync else FixedSync(plan, ctx.world_rank)
+    model = trainer.wrap(sync=sync)
     model.train()
     ctx.log(
         f"plan: {plan.describe()}; precision {trainer.precision.name}; "
@@ -203,8 +223,15 @@ def fit(cfg, ctx: TrainContext, loaders: Loaders, plan: RunPlan) -> dict[str, An
     epochs_this_run = 0
     while progress.epoch < plan.epochs:
         size, last = plan.sizes.at(progress.epoch), progress.epoch + 1 == plan.epochs
-        stats = train_epoch(cfg, ctx, trainer, model, _FirstStepClock(train, device, first_step_unix, ctx.log), cadence)
-        val = evaluate(model, loaders.val.batches(), loaders.num_classes, trainer.precision, device, cfg.eval.flip_tta, last)
+        clock = _FirstStepClock(train, device, first_step_unix, ctx.log)
+        stats = train_epoch(cfg, ctx, trainer, model, clock, cadence, sync, loaders.sample_log)
+        if not stats.complete:
+            continue
+        sync.settle(trainer.model)  # one set of BatchNorm statistics to evaluate and checkpoint
+        reduce = None if isinstance(sync, FixedSync) else sync.all_reduce_sum  # torchmetrics' own sync otherwise
+        val = evaluate(
+            model, loaders.val.batches(), loaders.num_classes, trainer.precision, device, cfg.eval.flip_tta, last, reduce
+        )
         if last:  # which classes are bad, by name: into the run folder, and from there MLflow
             matrix = val.pop("confusion")
             if ctx.world_rank == 0:
@@ -215,11 +242,19 @@ def fit(cfg, ctx: TrainContext, loaders: Loaders, plan: RunPlan) -> dict[str, An
         record = epoch_record(trainer, ctx, stats, val, size)
         if trainer.ema is not None:
             ema = evaluate(
-                trainer.ema.module, loaders.val.batches(), loaders.num_classes, trainer.precision, device, cfg.eval.flip_tta
+                trainer.ema.module,
+                loaders.val.batches(),
+                loaders.num_classes,
+                trainer.precision,
+                device,
+                cfg.eval.flip_tta,
+                reduce=reduce,
             )
             record.update({f"val_ema/{k}": v for k, v in ema.items()})
         if skipped := train.skipped + loaders.excluded:
             record["data/skipped_images"] = skipped
+        if loaders.sample_log is not None:  # the audit: each rank's weights, to compare after a heal
+            loaders.sample_log.weights(progress.step, trainer.model.state_dict())
         if math.isnan(stats.loss):
             raise FloatingPointError(f"train loss is NaN at epoch {progress.epoch + 1}; lower optim.lr_per_256")
         progress.epoch += 1
@@ -247,6 +282,9 @@ def fit(cfg, ctx: TrainContext, loaders: Loaders, plan: RunPlan) -> dict[str, An
     if not summary:  # nothing left to train: report the last state again
         summary = dict(progress.history[-1]) if progress.history else {}
     summary.update(best_top1=progress.best_top1, resizes=len(progress.resizes), finished=progress.epoch >= plan.epochs)
+    summary["heals"] = sync.heals
+    if hasattr(sync, "close"):
+        sync.close()
     return summary
 
 
@@ -257,6 +295,9 @@ class _FirstStepClock:
     def __init__(self, train: TrainBatches, device: torch.device, out: list[float], log):
         self.train, self.device, self.out, self.log = train, device, out, log
         self.steps_per_epoch = train.steps_per_epoch
+
+    def set_share(self, plan: RunPlan, rank: int) -> None:
+        self.train.set_share(plan, rank)
 
     def epoch(self, epoch: int, start_step: int = 0):
         for i, batch in enumerate(self.train.epoch(epoch, start_step)):

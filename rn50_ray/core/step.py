@@ -51,19 +51,18 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     return Precision(name, device.type)
 
 
-def train_step(
+def backward_step(
     model: nn.Module,
     images: torch.Tensor,
     targets: torch.Tensor,
     *,
-    optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     criterion: nn.Module,
     precision: Precision,
     accum: int = 1,
     loss_weight: float | None = None,
 ) -> torch.Tensor:
-    """Forward and backward over `accum` micro-batches (sizes differing by at most one), then one optimizer step.
+    """Forward and backward over `accum` micro-batches (sizes differing by at most one).
 
     Each image's loss counts with `loss_weight` in the gradient: the batch plan's W / N, so that DDP's mean
     over ranks is the mean over the global batch; by default 1 / len(images), this batch's mean. DDP
@@ -81,9 +80,21 @@ def train_step(
                 loss = criterion(model(x), y)  # the micro-batch's mean
             scaler.scale(loss * (len(x) * weight)).backward()
         total += loss.detach().float() * len(x)
+    return total
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """The optimizer's step through the scaler (skipped on an fp16 overflow), then gradients cleared."""
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+
+
+def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, optimizer: torch.optim.Optimizer,
+               **kwargs) -> torch.Tensor:  # fmt: skip
+    """`backward_step` (its keyword arguments), then one optimizer step. Returns the sum of the images' losses."""
+    total = backward_step(model, images, targets, **kwargs)
+    optimizer_step(optimizer, kwargs["scaler"])
     return total
 
 

@@ -6,7 +6,6 @@ import warnings
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from rn50_ray.core import recipe
@@ -14,7 +13,8 @@ from rn50_ray.core.checkpoint import Progress, rng_state, set_rng_state
 from rn50_ray.core.model import build_model, model_kwargs
 from rn50_ray.core.run_plan import RunPlan
 from rn50_ray.core.seeds import seed_for
-from rn50_ray.core.step import resolve_precision, train_step
+from rn50_ray.core.step import backward_step, optimizer_step, resolve_precision
+from rn50_ray.core.sync import FixedSync, StepSync
 
 
 def use_channels_last(memory_format: str, device: torch.device) -> bool:
@@ -85,34 +85,46 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         if self.ema and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
-        self.progress = Progress(**state["progress"])
+        # in place: the loop holds this object, and a heal (replica mode) loads a state mid-epoch
+        vars(self.progress).update(vars(Progress(**state["progress"])))
         set_rng_state(state["rng"])
 
     def step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimizer step of `model` (this trainer's model, possibly wrapped) on this rank's share of the
-        global batch. Returns the sum of its images' losses, on the device."""
-        loss_sum = train_step(
+        global batch, as this trainer's plan splits it. Returns the sum of its images' losses, on the device."""
+        loss_sum = self.backward(model, images, labels, self.plan, self.rank)
+        self.apply()
+        return loss_sum
+
+    def backward(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, plan: RunPlan, rank: int) -> torch.Tensor:
+        """Forward and backward of rank `rank`'s share of a step planned by `plan` (the ranks taking part in it)."""
+        return backward_step(
             model,
             images,
             labels,
-            optimizer=self.optimizer,
             scaler=self.scaler,
             criterion=self.criterion,
             precision=self.precision,
-            accum=self.plan.batch.accum(self.rank),
-            loss_weight=self.plan.batch.loss_weight,
+            accum=plan.batch.accum(rank),
+            loss_weight=plan.batch.loss_weight,
         )
+
+    def apply(self) -> None:
+        """The step counts: the optimizer steps, then the LR schedule and the EMA."""
+        optimizer_step(self.optimizer, self.scaler)
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        return loss_sum
 
-    def wrap(self, world_size: int) -> nn.Module:
-        """DDP when distributed, then torch.compile when asked. Loading happens before this."""
-        model: nn.Module = self.model
-        if world_size > 1 and dist.is_initialized():
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    def discard(self) -> None:
+        """The step does not count (a rank dropped out of it): its gradients go, it is trained again."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def wrap(self, world_size: int = 1, sync: StepSync | None = None) -> nn.Module:
+        """DDP (the sync's kind) where gradients are averaged over ranks, then torch.compile when asked.
+        Loading happens before this."""
+        sync = sync or FixedSync(self.plan.for_world(world_size), self.rank)
+        model = sync.wrap(self.model, self.device)
         if self.cfg.system.compile:
             model = torch.compile(model)
         return model

@@ -15,6 +15,7 @@ crops are in the stored pixels' frame. Imported only when chosen.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections.abc import Callable, Iterator
 
@@ -195,6 +196,13 @@ class DaliTrain:
         )
         with _bad_file_errors(self.split):  # no reader_name: this class counts each epoch's batches itself
             self.iterator = DALIGenericIterator(pipe, ["images", "labels", "index"], size=-1)
+
+    def set_share(self, plan: RunPlan, rank: int) -> None:
+        if (plan.world_size, rank) != (self.plan.world_size, self.shard.rank):
+            self.plan, self.shard = plan, dataclasses.replace(self.shard, rank=rank, world_size=plan.world_size)
+            self.iterator = None  # the next epoch call builds a pipeline for the new share
+            if self.log:
+                self.log.rank, self.log.world_size = rank, plan.world_size
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         if start_step >= self.steps_per_epoch:

@@ -53,6 +53,7 @@ def make_loaders(
 
         loaders = make_pytorch_loaders(data_cfg, shard, plan, train, val, seed=seed, channels_last=channels_last, log=log)
     loaders.backend, loaders.classes, loaders.class_names = backend, train.classes, train.names
+    loaders.sample_log = log
     loaders.excluded = train.excluded + val.excluded
     loaders.notes = [
         f"data: {backend} backend, {len(train)} train / {len(val)} val images, {len(train.classes)} classes, "

@@ -113,6 +113,9 @@ class StepSampler(Sampler):
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
 
+    def set_share(self, plan: RunPlan, rank: int) -> None:
+        self.plan, self.rank = plan, rank  # read at the next iteration: no new worker processes
+
     def __iter__(self) -> Iterator[list[tuple]]:
         perm = order.epoch_order(len(self.split), self.seed, self.epoch)
         for step in range(self.start_step, self.steps):
@@ -157,6 +160,11 @@ class TorchTrain:
         self.loader, self.sampler, self.normalize, self.log = loader, sampler, normalize, log
         self.steps_per_epoch = sampler.steps
         self.skipped = 0  # undecodable images dropped under --skip-bad-images
+
+    def set_share(self, plan: RunPlan, rank: int) -> None:
+        self.sampler.set_share(plan, rank)
+        if self.log:
+            self.log.rank, self.log.world_size = rank, plan.world_size
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         self.sampler.set_epoch(epoch, start_step)

@@ -18,17 +18,20 @@ SYNTHETIC_CLASSES = 1000
 
 
 class SyntheticTrain:
-    def __init__(self, make: Callable[[int], Batch], steps: int, size_at: Callable[[int], int]):
-        self.make, self.size_at, self.steps_per_epoch = make, size_at, steps
-        self.batch: tuple[int, Batch] | None = None  # (size, batch)
+    def __init__(self, make: Callable[[int, int], Batch], share: int, steps: int, size_at: Callable[[int], int]):
+        self.make, self.share, self.size_at, self.steps_per_epoch = make, share, size_at, steps
+        self.batch: tuple[int, int, Batch] | None = None  # (size, share, batch)
         self.skipped = 0
+
+    def set_share(self, plan: RunPlan, rank: int) -> None:
+        self.share = plan.batch.share(rank)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         size = self.size_at(epoch)
-        if self.batch is None or self.batch[0] != size:
-            self.batch = (size, self.make(size))
+        if self.batch is None or self.batch[:2] != (size, self.share):
+            self.batch = (size, self.share, self.make(size, self.share))
         for _ in range(start_step, self.steps_per_epoch):
-            yield self.batch[1]
+            yield self.batch[2]
 
 
 class SyntheticVal:
@@ -42,17 +45,15 @@ class SyntheticVal:
 def make_synthetic_loaders(
     shard: Shard, plan: RunPlan, *, seed: int, channels_last: bool, num_classes: int = SYNTHETIC_CLASSES
 ) -> Loaders:
-    share = plan.batch.share(shard.rank)
-
-    def make(size: int) -> Batch:
+    def make(size: int, share: int) -> Batch:
         g = torch.Generator().manual_seed(seed_for("synthetic", seed, shard.rank))
         images = torch.randn(share, 3, size, size, generator=g).to(shard.device)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, torch.randint(0, num_classes, (share,), generator=g).to(shard.device)
 
-    images, labels = make(plan.val_size)
+    images, labels = make(plan.val_size, plan.val_batch)
     val = images[: plan.val_batch], labels[: plan.val_batch]
     notes = [f"data: synthetic backend, {plan.steps_per_epoch} steps per epoch of {plan.global_batch} images"]
-    train = SyntheticTrain(make, plan.steps_per_epoch, plan.sizes.at)
+    train = SyntheticTrain(make, plan.batch.share(shard.rank), plan.steps_per_epoch, plan.sizes.at)
     return Loaders(train, SyntheticVal(val), num_classes, plan.train_images, len(val[1]), notes)

@@ -117,6 +117,11 @@ class MetricSink:
         self.set_tags({**tags, "world_size": world_size, "rn50.starts": self.starts})
         self.log({"world_size": world_size}, step)
 
+    def healed(self, step: int) -> None:
+        """A replica copied its state from a peer at `step` (--fault-tolerance replica): count it."""
+        self.heals = getattr(self, "heals", 0) + 1
+        self.set_tags({"rn50.heals": self.heals, "rn50.last_heal_step": step})
+
     def _send(self) -> bool:
         with self.send_lock:
             return self._send_batch()

@@ -137,6 +137,10 @@ def run_search(
     from rn50_ray.driver import connect
 
     cfg = resolve(trial_base(space, cfg))
+    if cfg.scale.fault_tolerance == "replica":  # Tune hears of an epoch through ray.train.report, a barrier of all
+        print("tune: trials run with --fault-tolerance restart: Ray 2.60 passes a trial's results to Tune through "
+              "ray.train.report, a barrier of every worker that replica groups cannot hold", flush=True)  # fmt: skip
+        cfg = cfg.with_overrides({"scale.fault_tolerance": "restart"}, "tune")
     if cfg.tracking.mode != "off":  # one store for the parent and every trial, even the embedded one
         from rn50_ray.tracking import resolve_uri
 
