@@ -47,8 +47,8 @@ def run(opts, storage: str, mode: str, kill_at: int | None) -> dict:
         sys.executable, str(ROOT / "launch.py"), "train", "--recipe", "cpu_demo", "--data", opts.data,
         "--storage", storage, "--name", "recovery", "--epochs", str(opts.epochs), "--warmup-epochs", "0.5",
         "--log-every", "1", "--checkpoint-every-steps", str(opts.checkpoint_every_steps), "--max-failures", "2",
-        "--workers", str(opts.workers), "--cpus-per-worker", "0.5", "--global-batch", str(16 * opts.workers), "--batch-size", "16",
-        "--fault-tolerance", mode, "--tracking", "off",
+        "--workers", str(opts.workers), "--cpus-per-worker", "0.5", "--global-batch", str(16 * opts.workers),
+        "--batch-size", "16", "--fault-tolerance", mode, "--tracking", "off",
     ]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -58,8 +58,8 @@ def _run(sample_data: Path, tmp_path: Path, kills: list[tuple[str, str]], epochs
 
     cmd = launch_cmd(
         "train", *FAST, "--data", sample_data, "--storage", tmp_path / "runs", "--name", "replica", "--tracking", "off",
-        "--fault-tolerance", "replica", "--workers", "3", "--cpus-per-worker", "0.5", "--global-batch", str(GLOBAL_BATCH), "--batch-size", "16",
-        "--epochs", str(epochs), "--warmup-epochs", "0.5", "--log-every", "1", "--backend", "pytorch",
+        "--fault-tolerance", "replica", "--workers", "3", "--cpus-per-worker", "0.5", "--global-batch", str(GLOBAL_BATCH),
+        "--batch-size", "16", "--epochs", str(epochs), "--warmup-epochs", "0.5", "--log-every", "1", "--backend", "pytorch",
         "--set", f"data.sample_log={log_dir}",
     )  # fmt: skip
     status, out = watch(cmd, [(marker, kill(which)) for marker, which in kills], timeout=900)
