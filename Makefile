@@ -41,9 +41,9 @@ demo: sysdeps venv data/sample
 test: test-sysdeps venv
 	$(PY) -m pytest
 
-# The inner loop: everything that starts no Ray cluster (the `ray` marker), in a few minutes.
+# The inner loop: everything that starts no Ray cluster (the `ray` marker) and takes no minutes (`slow`): under 5 minutes.
 test-fast: sysdeps venv
-	$(PY) -m pytest -m "not ray" -q
+	$(PY) -m pytest -m "not ray and not slow" -q
 
 lint: venv
 	$(VENV)/bin/ruff check rn50_ray tests bench launch.py

@@ -148,12 +148,13 @@ class ReplicaSync:
     def settle(self, model: nn.Module) -> None:
         """torchft's DDP does not broadcast buffers (its process group is a dummy of one): rank 0's BatchNorm
         statistics, sent to every participant as a sum in which the others put zeros."""
-        rank = self.manager.participating_rank()
-        for buffer in self.trainer.model.buffers():
-            t = buffer.detach().to(torch.float64 if buffer.device.type == "cpu" else torch.float32)
-            if rank != 0:
-                t = torch.zeros_like(t)
-            buffer.copy_(self.all_reduce_sum(t).to(buffer.dtype))
+        buffers = list(self.trainer.model.buffers())
+        flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in buffers])  # one collective for all
+        if self.manager.participating_rank() != 0:
+            flat.zero_()
+        flat = self.all_reduce_sum(flat)
+        for b, part in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
+            b.copy_(part.reshape(b.shape).to(b.dtype))
 
     def close(self) -> None:
         self.manager.shutdown(wait=False)
@@ -165,7 +166,7 @@ class ReplicaContext(RayContext):
 
     def __init__(self, run_uri: str, tracker=None, init_from: str = "", storage_retry_s: float = 600.0, keep: int = 3):
         super().__init__(run_uri, tracker, init_from, storage_retry_s)
-        self.ray_rank, self.ray_world = self.world_rank, self.world_size
+        self.ray_rank = self.world_rank  # the replica's id; world_rank becomes the step's participating rank
         self.tracker_handle, self.keep = tracker, keep
         self.preemption_poll_s = float("inf")  # Ray 2.60 registers no preemption watcher for replica groups
 

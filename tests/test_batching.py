@@ -74,6 +74,7 @@ def _compare(runs: dict[int, list[dict]]) -> None:
             torch.testing.assert_close(ranks[0]["weights"][key], value, rtol=1e-4, atol=1e-5, msg=f"{key} at W={world}")
 
 
+@pytest.mark.slow  # five process groups of a real run: about a minute
 def test_every_world_size_makes_the_single_process_update(small_data, tmp_path):
     runs = {w: run_ranks(w, _train, str(small_data), str(tmp_path / f"w{w}"), "pytorch") for w in (1, 2, 3, 5)}
     assert [r["share"] for r in runs[5]] == [5, 5, 5, 5, 4]  # 24 over 5 ranks: shares differ by one image
@@ -81,6 +82,7 @@ def test_every_world_size_makes_the_single_process_update(small_data, tmp_path):
     _compare(runs)
 
 
+@pytest.mark.slow  # four process groups: about 30 s
 def test_dali_makes_the_same_update_at_one_and_three_workers(small_data, tmp_path):
     runs = {w: run_ranks(w, _train, str(small_data), str(tmp_path / f"w{w}"), "dali-cpu") for w in (1, 3)}
     _compare(runs)

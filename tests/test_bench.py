@@ -131,6 +131,7 @@ def test_gpu_check_skips_cleanly_without_a_gpu():
     assert out.stdout.strip() == "skip: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured"
 
 
+@pytest.mark.slow  # every GPU-check row on the CPU: about 2 minutes
 def test_gpu_check_runs_end_to_end_at_toy_sizes_on_the_cpu():
     # Every row of the GPU tables but the compiled ones, on the CPU (DALI kept, for its data row): a bug found
     # here does not cost a GPU session's few minutes. Ray and MLflow are absent, as there.

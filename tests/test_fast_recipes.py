@@ -91,6 +91,7 @@ def _run(data, run_dir, **extra):
     return ctx
 
 
+@pytest.mark.slow  # two 3-epoch runs: about 30 s
 def test_a_run_killed_mid_ramp_resumes_at_the_right_size_with_the_same_losses(tiny_data, tmp_path):
     full = _run(tiny_data, tmp_path / "full")
     losses = {step: m["train/loss_step"] for step, m in full.tracked if "train/loss_step" in m}

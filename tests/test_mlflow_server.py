@@ -11,6 +11,7 @@ import sys
 import time
 
 import psutil
+import pytest
 import requests
 from conftest import ROOT, free_port
 
@@ -36,6 +37,7 @@ def _group(pgid: int) -> list[psutil.Process]:
     return out
 
 
+@pytest.mark.slow  # two MLflow server starts: about 45 s
 def test_a_restart_replaces_the_server_and_it_ends_with_ray(tmp_path):
     gcs = socket.create_server(("127.0.0.1", 0))  # stands in for Ray's GCS port on the head
     port = free_port()
