@@ -53,3 +53,40 @@ def test_channels_last():
     m = build_model(channels_last=True)
     assert m.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert isinstance(m.fc, nn.Linear)
+
+
+def test_each_recipe_initialises_its_convolutions_as_its_source_does():
+    # FFCV trains torchvision's resnet50 with torchvision's own init (Kaiming normal, fan_out); NVIDIA's scripts
+    # use --conv_init fan_in. The stem (3 -> 64, 7 x 7) tells them apart: fan_in 147, fan_out 3,136.
+    import math
+
+    import yaml
+    from conftest import ROOT
+
+    from rn50_ray.config import load_config
+    from rn50_ray.core.model import model_kwargs
+
+    expected = {"rn50_fast_16e": "fan_out", "rn50_fast_24e": "fan_out", "rn50_fast_88e": "fan_out",
+                "rn50_50e": "fan_in", "rn50_90e": "fan_in", "rn50_250e": "fan_in"}  # fmt: skip
+    for recipe, mode in expected.items():
+        path = ROOT / "recipes" / f"{recipe}.yaml"
+        assert yaml.safe_load(path.read_text())["model"]["conv_init"] == mode, recipe  # said in the recipe itself
+        torch.manual_seed(0)
+        model = build_model(**model_kwargs(load_config([str(path)]).model, 1000, channels_last=False))
+        fan = 3 * 7 * 7 if mode == "fan_in" else 64 * 7 * 7
+        assert abs(model.conv1.weight.std().item() / math.sqrt(2 / fan) - 1) < 0.05, recipe
+    torch.manual_seed(0)
+    torchvision_default = resnet50(weights=None).conv1.weight.std().item()
+    assert abs(torchvision_default / math.sqrt(2 / (64 * 7 * 7)) - 1) < 0.05  # torchvision's is fan_out
+
+
+def test_requirements_pin_every_library_the_code_depends_on():
+    from conftest import ROOT
+
+    pinned = {
+        line.split("==")[0].split("[")[0].strip()
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    needed = {"torch", "torchvision", "ray", "mlflow", "nvidia-dali-cuda120", "timm", "torchmetrics", "pyarrow", "torchft"}
+    assert needed <= pinned, sorted(needed - pinned)  # timm's BlurPool2d(pad_mode=...) needs a recent one

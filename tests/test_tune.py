@@ -22,7 +22,7 @@ def smoke_space(tmp_path: Path, epochs: int | None = None, **keys) -> Path:
     return path
 
 
-def test_asha_search_stops_weak_trials_and_names_the_best(tiny_data, tmp_path):
+def test_asha_search_stops_weak_trials_and_names_the_best(tiny_data, copy_of, tmp_path):
     # Deterministic on purpose: two sane LRs start first (2 at a time, grid order), so one of them sets ASHA's
     # cutoff at epoch 1 before the two huge LRs get there; those blow val loss up tenfold and must stop early.
     # Val loss, not top-1: 6 steps an epoch on the tiny set leave top-1 near chance, where ties would hide the cut.
@@ -33,9 +33,11 @@ def test_asha_search_stops_weak_trials_and_names_the_best(tiny_data, tmp_path):
     )  # fmt: skip
     elsewhere = tmp_path / "elsewhere"  # the command's working directory: nothing of the search may land here
     elsewhere.mkdir()
-    args = ("tune", "--space", path, *FAST, "--data", tiny_data, "--storage", tmp_path / "runs", "--name", "asha")
+    data = copy_of(tiny_data)  # a folder whose manifest is not current: the search screens it, once
+    args = ("tune", "--space", path, *FAST, "--data", data, "--storage", tmp_path / "runs", "--name", "asha")
     out = launch(*args, cwd=elsewhere)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert out.stdout.count(f"scanning and screening {data} once") == 1  # 4 trials read the search's manifest
     assert list(elsewhere.iterdir()) == []  # no ./mlruns: the artifacts are under --storage
     search = tmp_path / "runs" / "asha"
     rows = list(csv.DictReader((search / "results.csv").open()))
