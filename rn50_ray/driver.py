@@ -65,8 +65,7 @@ def store(cfg: Config) -> Retrying:
 def check_storage(cfg: Config) -> None:
     """Write and remove a small file in the run folder, and clear what failed writes of an earlier start left."""
     uri = run_uri(cfg)
-    probe = ".rn50-write-check"
-    store(cfg)("a write check", lambda: (run_folder.write_file(uri, probe, "ok"), run_folder.delete_file(uri, probe)))
+    store(cfg)("a write check", lambda: run_folder.probe(uri))
     if left := run_folder.remove_partial(uri):
         print(f"storage: removed what failed writes left in {uri}: {', '.join(sorted(left))}", flush=True)
 

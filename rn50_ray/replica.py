@@ -8,6 +8,11 @@ many), its gradients are averaged over them (torchft's DDP), and it commits only
 the others go on at the next step with one participant fewer, and Ray replaces only the lost replica group. The
 replacement loads the last checkpoint, and at its first quorum copies the live state from a peer (torchft's
 PGTransport): model, optimizer, LR schedule, grad scaler, EMA, progress (epoch, step, history) and RNG states.
+A replica alone in its first quorum has no peer to copy from: the others have ended (Ray replaces a lost replica
+even after the rest finished) or are all lost. It goes on from the run folder's newest checkpoint, which may be
+newer than the one it loaded at its start, and ends at once where that is the run's last; so a late replacement
+never trains the run again alone, nor writes over its checkpoints. (The peers stop heartbeating only after their
+last checkpoint is stored, so a lone quorum sees it.)
 
 What Ray 2.60 cannot do here, it does as in `restart` mode, and a line says so: a resize that changes the worker
 count (elastic growth, a lost node that cannot be replaced) restarts the whole group from the last checkpoint.
@@ -29,7 +34,7 @@ import torch
 from torch import nn
 
 from rn50_ray import run_folder
-from rn50_ray.core.checkpoint import CHECKPOINT_PREFIX
+from rn50_ray.core.checkpoint import CHECKPOINT_PREFIX, load_first_readable, step_of
 from rn50_ray.core.run_plan import RunPlan
 from rn50_ray.worker import RayContext
 
@@ -114,11 +119,29 @@ class ReplicaSync:
         self.ctx.log_always(f"replica: healed from a peer at step {p.step} (epoch {p.epoch + 1}, step {p.step_in_epoch} of it)")
         self.ctx.track_heal(p.step)
 
+    def _catch_up(self) -> None:
+        """Alone at this process's first step: the run folder's newest checkpoint, where it is ahead of this state."""
+        names = self.ctx.storage("listing checkpoints", lambda: run_folder.checkpoints(self.ctx.run_uri))
+        if not names or step_of(names[-1]) <= self.trainer.progress.step:
+            return
+        with self.ctx.open_checkpoint() as path:
+            state, path, stack = load_first_readable(self.ctx, path)
+            with stack:
+                self.trainer.load_state_dict(state)
+        p = self.trainer.progress
+        self.manager.load_state_dict({"step": p.step, "batches_committed": p.step * self.plan.global_batch})
+        self.heals += 1  # the loop reads its batches anew from this state
+        self.ctx.log_always(
+            f"replica: no live peer at this start; went on from the run's newest checkpoint {path} (step {p.step})"
+        )
+
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         return _ddp_class()(self.manager, model)
 
     def begin_step(self) -> tuple[RunPlan, int]:
         self.manager.start_quorum()  # synchronous: heals before returning, where this replica is behind
+        if self.first and not self.heals and self.manager.num_participants() == 1:
+            self._catch_up()
         plan = self.plan.for_world(self.manager.num_participants())
         rank = self.manager.participating_rank()
         self.ctx.take_part(rank, plan.world_size)

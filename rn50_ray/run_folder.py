@@ -69,6 +69,25 @@ def write_file(run: str, name: str, text: str) -> None:
         raise
 
 
+def probe(run: str) -> None:
+    """Write and remove a small file in the run folder; a local folder the write made is removed again, so that a
+    run refused by a later check leaves no folder behind."""
+    made = [] if is_remote(run) else [p for p in (os.path.abspath(run), *_ancestors(run)) if not os.path.exists(p)]
+    write_file(run, ".rn50-write-check", "ok")
+    delete_file(run, ".rn50-write-check")
+    for folder in made:  # deepest first
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    path = os.path.abspath(path)
+    while (up := os.path.dirname(path)) != path:
+        yield (path := up)
+
+
 def delete_file(run: str, name: str) -> None:
     fs, base = filesystem(run)
     fs.delete_file(f"{base}/{name}")

@@ -17,6 +17,7 @@ PACKAGE = ROOT / "rn50_ray"
 ALLOWED = {
     "ray": {
         "rn50_ray.driver",
+        "rn50_ray.error_log",
         "rn50_ray.worker",
         "rn50_ray.replica",
         "rn50_ray.tune.runner",
@@ -25,7 +26,13 @@ ALLOWED = {
     },
     "torchft": {"rn50_ray.replica"},
     "nvidia": {"rn50_ray.data.dali"},
-    "mlflow": {"rn50_ray.tracking.run", "rn50_ray.tracking.sink", "rn50_ray.tracking.artifacts", "rn50_ray.tracking.search"},
+    "mlflow": {
+        "rn50_ray.tracking.run",
+        "rn50_ray.tracking.sink",
+        "rn50_ray.tracking.artifacts",
+        "rn50_ray.tracking.search",
+        "rn50_ray.tracking.server",
+    },
 }
 # Modules that must not import torch at all: DALI's reader processes and the CLI's light paths load them.
 TORCH_FREE = {"rn50_ray.data.order", "rn50_ray.core.batching", "rn50_ray.core.resolution", "rn50_ray.core.run_plan",

@@ -146,4 +146,5 @@ def test_a_large_cold_screen_runs_on_every_core_under_a_progress_bar(tiny_data, 
     assert "screened 25,000 images in" in out.stdout and f"s {where}, 0 undecodable" in out.stdout, out.stdout
     assert "screening images: 100%" in out.stderr and "img/s]" in out.stderr  # tqdm: done, with its rate and ETA
     again = launch("train", "--recipe", "cpu_demo", "--data", data, "--storage", tmp_path / "runs", "--dry-run")
-    assert "screen" not in again.stdout + again.stderr and "24000 train / 1000 val images" in again.stdout
+    assert "screening" not in again.stdout + again.stderr and "screened" not in again.stdout
+    assert "24000 train / 1000 val images" in again.stdout

@@ -141,45 +141,48 @@ def test_a_killed_worker_stops_no_one_and_its_replacement_heals_from_a_peer(samp
     (run,) = client.search_runs([client.get_experiment_by_name("rn50-ray").experiment_id])
     # every heal counts: the replacement's, and those of workers that came up after the first quorum at the start
     assert int(run.data.tags["rn50.heals"]) == out.count("replica: healed from a peer at step") >= 1
-    assert int(run.data.tags["rn50.last_heal_step"]) >= 26
+    heal_steps = [int(n) for n in re.findall(r"replica: healed from a peer at step (\d+)", out)]
+    assert int(run.data.tags["rn50.last_heal_step"]) == max(heal_steps) > 6  # the replacement's, after the kill
     sizes = {m.value for m in client.get_metric_history(run.info.run_id, "world_size")}
     assert {2.0, 3.0} <= sizes
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_step")]
     assert steps == sorted(set(steps)) == list(range(1, 41))
 
 
-def test_two_kills_in_one_epoch_and_the_end_matches_a_run_without_them(sample_data, tmp_path):
-    status, out, killed = _run(sample_data, tmp_path, [("epoch 1/1 step 3/20", "any"), ("epoch 1/1 step 13/20", "any")], 1)
+def test_two_kills_in_one_epoch_the_second_of_rank_0_and_the_end_matches_a_run_without_them(sample_data, tmp_path):
+    # The second kill takes the worker holding participating rank 0, which logs, tracks and writes checkpoints: the
+    # next participant takes its place at the next step. With DALI: each change of participants builds this rank's
+    # pipeline for its new share, from the step it is at.
+    kills = [("epoch 1/1 step 3/20", "any"), ("epoch 1/1 step 13/20", "rank0")]
+    status, out, killed = _run(sample_data, tmp_path, kills, 1, "dali-cpu")
     assert status == 0, out[-5000:]
-    _check_every_step(killed["log_dir"], epochs=1)
+    participants = _check_every_step(killed["log_dir"], epochs=1)
+    assert 2 in participants.values()
     assert out.count("replica: healed from a peer at step") >= 2 and len(set(killed["pids"])) == 2
+    steps_logged = [int(m) for m in re.findall(r"epoch 1/1 step (\d+)/20", out)]
+    assert sorted(set(steps_logged)) == list(range(1, 21))  # progress lines went on under the new rank 0
+    assert "checkpoint epoch0001_step00000020" in out
     digests = {d["weights"] for d in _final_weights(killed["log_dir"]).values() if d["step"] == 20}
     assert len(digests) == 1
-    # Against the same run without kills: the same images in the same steps with the same global batch, so the
-    # same update but for BatchNorm, whose statistics are over each rank's share (16 or 24 images while two take
-    # part): the losses agree closely, not bit for bit. 200 val images after an epoch at 32 px: 5 points of top-1
-    # is 10 images, well above what a few steps with other BatchNorm batches move.
-    status, clean, _ = _run(sample_data, tmp_path / "clean", [], 1)
+    # Against the same run without kills: the same images in the same steps with the same global batch and loss
+    # weights, so the same update but for BatchNorm, whose statistics are over each rank's share (48, 24 or 16 images
+    # as one, two or three take part): the per-step losses (all-reduced over the step's participants, one line a
+    # step) track each other, not bit for bit; their mean over the epoch moved by 0.03 in a measured pair. Not the
+    # epoch's train loss: a killed rank takes its running sum with it, so that figure covers the others' shares
+    # only. 200 val images after an epoch at 32 px: 5 points of top-1 is 10 images.
+    status, clean, _ = _run(sample_data, tmp_path / "clean", [], 1, "dali-cpu")
     assert status == 0, clean[-3000:]
 
-    def last(text: str) -> tuple[float, float]:
-        m = re.findall(r"epoch 1/1 done in .* train loss ([\d.]+) \| val top1 ([\d.]+)%", text)[-1]
-        return float(m[0]), float(m[1])
+    def step_losses(text: str) -> list[float]:
+        losses = dict(re.findall(r"epoch 1/1 step (\d+)/20 loss ([\d.]+)", text))
+        assert sorted(map(int, losses)) == list(range(1, 21)), text[-3000:]
+        return [float(v) for v in losses.values()]
 
-    (loss_a, top1_a), (loss_b, top1_b) = last(out), last(clean)
-    assert abs(loss_a - loss_b) < 0.1 and abs(top1_a - top1_b) <= 5.0, (last(out), last(clean))
+    def top1(text: str) -> float:
+        return float(re.findall(r"epoch 1/1 done in .* val top1 ([\d.]+)%", text)[-1])
 
-
-def test_killing_the_worker_that_holds_participating_rank_0(sample_data, tmp_path):
-    # Rank 0 logs, tracks and writes checkpoints: the next participant takes its place at the next step. With
-    # DALI: each change of participants builds this rank's pipeline for its new share, from the step it is at.
-    status, out, killed = _run(sample_data, tmp_path, [("epoch 1/2 step 8/20", "rank0")], 2, "dali-cpu")
-    assert status == 0, out[-5000:]
-    participants = _check_every_step(killed["log_dir"], epochs=2)
-    assert 2 in participants.values()
-    steps_logged = [int(m) for m in re.findall(r"epoch 1/2 step (\d+)/20", out)]
-    assert sorted(set(steps_logged)) == list(range(1, 21))  # progress lines went on under the new rank 0
-    assert "checkpoint epoch0002_step00000040" in out
+    mean_a, mean_b = np.mean(step_losses(out)), np.mean(step_losses(clean))
+    assert abs(mean_a - mean_b) < 0.1 and abs(top1(out) - top1(clean)) <= 5.0, (mean_a, mean_b, top1(out), top1(clean))
 
 
 def test_a_stopped_replica_run_resumes_from_its_checkpoint(sample_data, tmp_path):
@@ -191,3 +194,4 @@ def test_a_stopped_replica_run_resumes_from_its_checkpoint(sample_data, tmp_path
     assert status == 0, out[-3000:]
     assert re.search(r"resumed from \S+/checkpoint_epoch0001_step00000020: epoch 1, step 20", out), out[-3000:]
     assert "summary: 2 epochs, 40 steps" in out and "epoch 1/2 step" not in out
+    assert "replica: the whole worker group started from the last checkpoint (step 20)" in out  # a restart, said so

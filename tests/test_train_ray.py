@@ -195,7 +195,7 @@ def test_skip_bad_images_trains_and_counts_them(tiny_data, copy_of, tmp_path):
         "--skip-bad-images",
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "data: screened 252 images" in out.stdout and "2 undecodable" in out.stdout
+    assert "and screened 252 images in" in out.stdout and "2 undecodable" in out.stdout
     assert "data: skipped 2 undecodable images (--skip-bad-images)" in out.stdout
     assert "data: ignored 1 non-image files" in out.stdout
     assert _history(tmp_path / "skip")[-1]["data/skipped_images"] == 2

@@ -8,7 +8,7 @@ accumulation), so memory stays bounded at every W.
 
 DDP averages gradients over ranks, so a rank weights each image's loss by W / N (`loss_weight`): the sum
 over ranks of the averaged gradients is then the gradient of the mean loss over the N images, the update a
-single process makes on the same global batch. Pure Python: the data layer's reader processes import it.
+single process makes on the same global batch. Pure Python.
 """
 
 from __future__ import annotations

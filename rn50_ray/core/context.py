@@ -41,6 +41,9 @@ class ValBatches(Protocol):
     def batches(self) -> Iterator[Batch]:
         """This rank's share of the val split, once."""
 
+    def set_share(self, rank: int, world_size: int) -> None:
+        """From the next `batches` call on, rank `rank`'s share among `world_size` (the ranks evaluating together)."""
+
 
 @dataclass
 class Loaders:

@@ -228,6 +228,7 @@ def fit(cfg, ctx: TrainContext, loaders: Loaders, plan: RunPlan) -> dict[str, An
         if not stats.complete:
             continue
         sync.settle(trainer.model)  # one set of BatchNorm statistics to evaluate and checkpoint
+        loaders.val.set_share(ctx.world_rank, ctx.world_size)  # the ranks of the epoch's last step share the val split
         reduce = None if isinstance(sync, FixedSync) else sync.all_reduce_sum  # torchmetrics' own sync otherwise
         val = evaluate(
             model, loaders.val.batches(), loaders.num_classes, trainer.precision, device, cfg.eval.flip_tta, last, reduce

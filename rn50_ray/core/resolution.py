@@ -3,7 +3,7 @@
 FFCV's `get_resolution(epoch)` (ffcv-imagenet, train_imagenet.py): the start size up to the ramp's first epoch,
 the final size from its last, and in between the linear interpolation rounded to a multiple of 32. Epochs
 count from 0. A function of the epoch alone, so a resumed or resized run trains each epoch at the size an
-uninterrupted run would. Pure Python: DALI's reader processes import it.
+uninterrupted run would. Pure Python.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
 """Every random stream of a run, named, and seeded from system.seed and what it belongs to (an epoch, a step,
-a rank, an image), so that a stream never depends on which process or worker draws it. Pure Python: DALI's
-reader processes use it too."""
+a rank, an image), so that a stream never depends on which process or worker draws it. Pure Python."""
 
 from __future__ import annotations
 

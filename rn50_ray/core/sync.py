@@ -19,7 +19,7 @@ from rn50_ray.core.run_plan import RunPlan
 
 
 class StepSync(Protocol):
-    heals: int  # times this rank's state was replaced by a peer's (replica mode)
+    heals: int  # times this rank's state was replaced: by a peer's, or by the run's newest checkpoint (replica mode)
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         """The model as the step runs it: DDP (or torchft's) where gradients are averaged over ranks."""

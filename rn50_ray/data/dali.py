@@ -222,28 +222,29 @@ class DaliTrain:
 class DaliVal:
     def __init__(self, split: Split, shard: Shard, plan: RunPlan, *, crop_ratio: float, gpu: bool, fp16: bool, nhwc: bool,
                  threads: int, prefetch: int):  # fmt: skip
+        self.split, self.device, self.nhwc, self.share = split, shard.device, nhwc, (shard.rank, shard.world_size)
+        self.kw = dict(
+            root=split.data_root, batch_size=plan.val_batch, num_threads=threads, prefetch_queue_depth=prefetch,
+            device_id=shard.device.index if gpu else None, size=plan.val_size, crop_ratio=crop_ratio, gpu=gpu, fp16=fp16,
+            nhwc=nhwc, seed=0,
+        )  # fmt: skip
+        self._build()
+
+    def _build(self) -> None:
+        self.iterator = None  # the old pipeline goes before the next is built
+        rank, world_size = self.share
         pipe = val_pipeline(
-            split.paths.tolist(),
-            split.labels.tolist(),
-            root=split.data_root,
-            batch_size=plan.val_batch,
-            num_threads=threads,
-            prefetch_queue_depth=prefetch,
-            device_id=shard.device.index if gpu else None,
-            shard_id=shard.rank,
-            num_shards=shard.world_size,
-            size=plan.val_size,
-            crop_ratio=crop_ratio,
-            gpu=gpu,
-            fp16=fp16,
-            nhwc=nhwc,
-            seed=0,
+            self.split.paths.tolist(), self.split.labels.tolist(), shard_id=rank, num_shards=world_size, **self.kw
         )
-        self.split, self.device, self.nhwc = split, shard.device, nhwc
         with _bad_file_errors(self.split):
             self.iterator = DALIGenericIterator(
                 pipe, ["images", "labels"], reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
             )
+
+    def set_share(self, rank: int, world_size: int) -> None:
+        if (rank, world_size) != self.share:
+            self.share = (rank, world_size)
+            self._build()
 
     def batches(self) -> Iterator[Batch]:
         with _bad_file_errors(self.split):

@@ -175,9 +175,25 @@ class TorchTrain:
             yield self.normalize(images, labels)
 
 
+class ValSampler(Sampler):
+    """Every world_size-th val image from `rank` on: each read once over the ranks; the share can change."""
+
+    def __init__(self, size: int, rank: int, world_size: int):
+        self.size, self.rank, self.world_size = size, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world_size))
+
+
 class TorchVal:
-    def __init__(self, loader: DataLoader, normalize: DeviceNormalizer):
-        self.loader, self.normalize = loader, normalize
+    def __init__(self, loader: DataLoader, sampler: ValSampler, normalize: DeviceNormalizer):
+        self.loader, self.sampler, self.normalize = loader, sampler, normalize
+
+    def set_share(self, rank: int, world_size: int) -> None:
+        self.sampler.rank, self.sampler.world_size = rank, world_size  # read at the next iteration
 
     def batches(self) -> Iterator[Batch]:
         for images, labels, _, _ in self.loader:
@@ -196,10 +212,10 @@ def _loader_options(data_cfg, shard: Shard) -> dict:
 
 
 def make_pytorch_val(data_cfg, shard: Shard, plan: RunPlan, val: Split, *, channels_last: bool) -> TorchVal:
-    mine = list(range(shard.rank, len(val), shard.world_size))  # every world_size-th image, read once
+    mine = ValSampler(len(val), shard.rank, shard.world_size)
     images = ValImages(val, plan.val_size, data_cfg.val_crop_ratio, data_cfg.skip_bad_images)
     loader = DataLoader(images, batch_size=plan.val_batch, sampler=mine, **_loader_options(data_cfg, shard))
-    return TorchVal(loader, DeviceNormalizer(shard.device, channels_last))
+    return TorchVal(loader, mine, DeviceNormalizer(shard.device, channels_last))
 
 
 def make_pytorch_loaders(

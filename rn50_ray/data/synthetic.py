@@ -38,6 +38,9 @@ class SyntheticVal:
     def __init__(self, batch: Batch):
         self.batch = batch
 
+    def set_share(self, rank: int, world_size: int) -> None:
+        pass  # one fixed batch per rank
+
     def batches(self) -> Iterator[Batch]:
         yield self.batch
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from rn50_ray import run_folder
 from rn50_ray.config import Config, flatten
+from rn50_ray.core.run_plan import RunPlan
 from rn50_ray.errors import UserError
 from rn50_ray.tracking.credentials import PASSWORD_VAR, USER_VAR, Secret, for_server
 from rn50_ray.tracking.sink import quick_failing_http
@@ -251,7 +252,7 @@ def log_results(
                 artifacts.log_model(tracked, cfg, local)
 
 
-def log_run_folder(cfg: Config, plan, tracked: TrackedRun, run: str, best: str | None) -> None:
+def log_run_folder(cfg: Config, plan: RunPlan, tracked: TrackedRun, run: str, best: str | None) -> None:
     """The run folder's config, epoch records and per-class val top-1, their plots (the confusion matrix's too,
     and the LR schedule of the run's plan), and (given `best`) the checkpoint and model."""
     from rn50_ray.core.per_class import CONFUSION_FILE, PER_CLASS_FILE

@@ -15,6 +15,7 @@ from typing import Any
 from rn50_ray import run_folder, tracking
 from rn50_ray.config import Config
 from rn50_ray.core.checkpoint import run_name_of, step_of
+from rn50_ray.core.run_plan import RunPlan
 
 PARENT_FILE = "mlflow_parent.json"  # in the search's folder: its MLflow run
 
@@ -111,7 +112,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def close_killed_trial(cfg: Config, status: str, epoch: int, epochs: int) -> None:
+def close_killed_trial(cfg: Config, plan: RunPlan, status: str, epoch: int, epochs: int) -> None:
     """End the MLflow run of a trial whose driver Tune killed before it could: log what its run folder holds
     and end it KILLED with the epoch it stopped at, FINISHED with its model if that was its last epoch, or
     FAILED for a trial that crashed. A run that its trial ended itself is left alone."""
@@ -126,9 +127,9 @@ def close_killed_trial(cfg: Config, status: str, epoch: int, epochs: int) -> Non
     if client.get_run(tracked.run_id).info.status != "RUNNING":
         return
     if status == "KILLED" and epoch >= epochs:  # stopped at its last rung: it did finish
-        tracking.log_run_folder(cfg, tracked, run, run_folder.best_checkpoint(run))
+        tracking.log_run_folder(cfg, plan, tracked, run, run_folder.best_checkpoint(run))
         client.set_terminated(tracked.run_id, "FINISHED")
         return
-    tracking.log_run_folder(cfg, tracked, run, None)
+    tracking.log_run_folder(cfg, plan, tracked, run, None)
     client.set_tag(tracked.run_id, "rn50.stopped", f"by the search at epoch {epoch}" if status == "KILLED" else "crashed")
     client.set_terminated(tracked.run_id, status)

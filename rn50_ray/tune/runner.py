@@ -15,6 +15,7 @@ import yaml
 
 from rn50_ray import run_folder
 from rn50_ray.config import Config, flatten
+from rn50_ray.core.run_plan import plan_run
 from rn50_ray.errors import ConfigError, UserError
 from rn50_ray.tracking import search as search_tracking
 from rn50_ray.tracking.credentials import for_server
@@ -43,7 +44,8 @@ class CloseStoppedTrials(ray.tune.Callback):
             return  # its params make no valid config: it failed before it had a run
         try:
             epoch = (last_record(run_folder.run_uri(cfg)) or {}).get("epoch", 0)  # its own, not a copied result
-            search_tracking.close_killed_trial(cfg, status, epoch, self.search.epochs)
+            plan = plan_run(cfg, self.search.train_images)  # the trial's own: its params may set the batch
+            search_tracking.close_killed_trial(cfg, plan, status, epoch, self.search.epochs)
         except Exception as e:  # never the search's end; the trial's metrics are in its run folder either way
             print(f"tracking: could not close the MLflow run of trial {trial.trial_id} ({type(e).__name__}: {e})", flush=True)
 
@@ -151,7 +153,7 @@ def run_search(
     saved = run_folder.read_file(search_dir, "base_config.yaml") if resume else None
     if saved:  # the search's own config (data, tracking store), whatever this command line says
         cfg = Config.from_dict(yaml.safe_load(saved), source=f"{search_dir}/base_config.yaml")
-    usable_dataset(cfg, rescan=rescan)  # scanned and screened once for the whole search; each trial reads its manifest
+    dataset = usable_dataset(cfg, rescan=rescan)  # scanned and screened once for the search; each trial reads its manifest
     connect(cfg)
     check_cluster(space, cfg)
     parent = search_tracking.open_parent(cfg, space, name, search_dir)
@@ -159,6 +161,7 @@ def run_search(
         cfg.to_dict(), run_folder.join(search_dir, "trials"), parent.run_id if parent else "",
         log_models=space.log_models, log_checkpoints=space.log_checkpoints,
         credentials=for_server(cfg.tracking.uri) if cfg.tracking.mode != "off" else None,
+        train_images=len(dataset.train) if dataset else None,
     )  # fmt: skip
     # The trial's driver takes a sliver of a CPU; Train asks for the workers.
     trainable = ray.tune.with_resources(ray.tune.with_parameters(train_trial, setup=setup), {"CPU": 0.01})

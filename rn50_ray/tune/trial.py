@@ -45,6 +45,7 @@ class SearchSetup:
     log_models: str = "best"  # best | all | none: which trials' models reach MLflow
     log_checkpoints: str = "uri"  # uri | copy: a trial's best checkpoint in MLflow as its URI, or a copy
     credentials: Secret | None = None  # for a tracking server with authentication on: the search's, handed on
+    train_images: int | None = None  # the search's usable train images (None: synthetic), for a trial's plan
 
     @property
     def epochs(self) -> int:
