@@ -37,7 +37,7 @@ data/sample: | sysdeps venv
 demo: sysdeps venv data/sample
 	$(PY) launch.py train --recipe cpu_demo
 
-# The full suite: real Ray clusters, MLflow and S3 servers, sshd, a browser (about 45 minutes on 2 cores).
+# The full suite: real Ray clusters, MLflow and S3 servers, sshd, a browser (about 65 minutes on 2 cores).
 test: test-sysdeps venv
 	$(PY) -m pytest
 

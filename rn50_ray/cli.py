@@ -161,12 +161,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from rn50_ray.tracking import embedded_store, ui_url
+    from rn50_ray.tracking.run import make_store_folder
 
     uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri.startswith(("http://", "https://")):
         print(f"the runs are on the MLflow server {uri}: open {ui_url(uri)}")
         return 0
     uri, artifacts = (uri, None) if uri else embedded_store(args.storage)
+    make_store_folder(uri)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     if artifacts:
         cmd += ["--default-artifact-root", artifacts]

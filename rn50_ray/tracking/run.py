@@ -28,8 +28,13 @@ def embedded_store(storage: str) -> tuple[str, str]:
     """The laptop default: a SQLite store and an artifact folder beside the runs. SQLite cannot live on an
     object store, so with remote storage the store is ./runs on this machine (open_run says so)."""
     root = Path("runs" if run_folder.is_remote(storage) else storage).resolve()
-    root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}", (root / "mlartifacts").as_uri()
+
+
+def make_store_folder(uri: str) -> None:
+    """A SQLite store's folder, made where the store is first used, not where it is only named or checked."""
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
 
 def resolve_uri(cfg: Config) -> tuple[str, str | None]:
@@ -52,6 +57,10 @@ def unreachable(uri: str) -> str | None:
 
             r = requests.get(uri.rstrip("/") + "/health", timeout=5)
             return None if r.ok else f"HTTP {r.status_code} from {uri}/health"
+        if uri.startswith("sqlite:///") and not (db := Path(uri.removeprefix("sqlite:///"))).exists():
+            # Made by the run's start, not by this check: a command refused later leaves no store behind.
+            folder = next(p for p in db.parents if p.exists())
+            return None if os.access(folder, os.W_OK) else f"{folder} is not writable"
         from mlflow import MlflowClient
 
         MlflowClient(uri).search_experiments(max_results=1)
@@ -172,6 +181,7 @@ def open_run(cfg: Config, run_uri: str, read_file, write_file) -> TrackedRun | N
     uri = check_tracking(cfg)
     if uri is None:
         return None
+    make_store_folder(uri)
     artifact_root = resolve_uri(cfg)[1]
     from mlflow import MlflowClient
     from mlflow.entities import Param
