@@ -11,8 +11,6 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -160,6 +158,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    from rn50_ray.processes import run_process_group
     from rn50_ray.tracking import embedded_store, ui_url
     from rn50_ray.tracking.run import make_store_folder
 
@@ -174,27 +173,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
         cmd += ["--default-artifact-root", artifacts]
     print(f"MLflow UI for {uri} at {ui_url(f'http://{args.host}:{args.port}')} (Ctrl-C stops it)", flush=True)
     return run_process_group(cmd)
-
-
-def run_process_group(cmd: list[str]) -> int:
-    """Run `cmd` in a process group of its own, and take the whole group down with this process: on Ctrl-C,
-    and on SIGTERM from a service manager or `kill` (mlflow ui's uvicorn and job-runner children included)."""
-    proc = subprocess.Popen(cmd, start_new_session=True)
-
-    def stop(signum, _frame) -> None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    return proc.wait()
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

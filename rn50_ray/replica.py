@@ -36,7 +36,7 @@ from torch import nn
 from rn50_ray import run_folder
 from rn50_ray.core.checkpoint import CHECKPOINT_PREFIX, load_first_readable, step_of
 from rn50_ray.core.run_plan import RunPlan
-from rn50_ray.worker import RayContext
+from rn50_ray.ray_context import RayContext
 
 TIMEOUT = timedelta(seconds=60)  # torchft's collectives and quorum; a quorum forms at once when replicas are alive
 

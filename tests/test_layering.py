@@ -18,6 +18,7 @@ ALLOWED = {
     "ray": {
         "rn50_ray.driver",
         "rn50_ray.error_log",
+        "rn50_ray.ray_context",
         "rn50_ray.worker",
         "rn50_ray.replica",
         "rn50_ray.tune.runner",

@@ -1,7 +1,7 @@
 """The narrow interfaces between the training loop and whatever runs and feeds it.
 
 `fit` only talks to a TrainContext and reads batches through Loaders. Ray Train provides a context
-(`rn50_ray.worker.RayContext`), and `LocalContext` runs the loop without Ray: in one process, for tests,
+(`rn50_ray.ray_context.RayContext`), and `LocalContext` runs the loop without Ray: in one process, for tests,
 benchmarks and a bare GPU machine, or as one rank of a torch.distributed group that the caller started. The data
 layer's backends (rn50_ray/data/) provide the Loaders.
 """

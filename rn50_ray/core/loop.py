@@ -2,7 +2,7 @@
 
 As torchvision's `train_one_epoch`/`evaluate` and NVIDIA's `train`/`validate`: the step loop, its log
 intervals, preemption and mid-epoch checkpoints are `train_epoch`'s; the epoch record is `epoch_record`'s.
-Slightly over 300 lines: the loop and its cadence read in one place, as torchvision's train.py does.
+Checkpoints through the context (`report`, `resume`, the preemption call) are core/checkpointing.py's.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from rn50_ray.core import checkpoint as ckpt
+from rn50_ray.core.checkpointing import preemption_checkpoint, report, resume
 from rn50_ray.core.context import Loaders, TrainBatches, TrainContext, jsonl
 from rn50_ray.core.evaluation import evaluate
 from rn50_ray.core.per_class import CONFUSION_FILE, PER_CLASS_FILE, matrix_to_csv, per_class_rows, rows_to_csv, worst
@@ -116,7 +116,7 @@ def train_epoch(
             if cadence.ask_now:
                 cadence.next_ask = time.monotonic() + cadence.poll_s
             decide = ctx.world_rank == 0 and notice is not None and not cadence.preempt_saved
-            decide = decide and _preemption_checkpoint(ctx, notice, cadence.last_report_s, p.step)
+            decide = decide and preemption_checkpoint(ctx, notice, cadence.last_report_s, p.step)
             ask_next = ctx.world_rank == 0 and time.monotonic() >= cadence.next_ask
             flags = loss_sum.new_tensor([float(ask_next), float(decide)])
             total_loss, asked, decided = sync.all_reduce_sum(torch.cat((loss_sum.reshape(1), flags))).tolist()
@@ -161,18 +161,6 @@ def _log_interval(cfg, ctx, trainer: Trainer, total_loss: float, steps: int, ela
     ctx.track(metrics, p.step)
 
 
-def _preemption_checkpoint(ctx: TrainContext, notice: dict[str, Any], last_report_s: float, step: int) -> bool:
-    """Rank 0's call on a drain notice: checkpoint now, unless the deadline is nearer than a checkpoint takes."""
-    left = notice.get("seconds_left")
-    nodes = ", ".join(notice.get("nodes", [])) or "a node"
-    if left is not None and left < last_report_s:
-        ctx.log(f"preemption: {nodes} draining in {left:.0f} s, sooner than a checkpoint takes ({last_report_s:.0f} s)")
-        return False
-    when = f" in {left:.0f} s" if left is not None else ""
-    ctx.log(f"preemption: {nodes} draining{when}; checkpointing at step {step}")
-    return True
-
-
 def epoch_record(trainer: Trainer, ctx: TrainContext, stats: EpochStats, val: dict[str, float], size: int) -> dict[str, Any]:
     """The record of a finished epoch: what metrics.jsonl, MLflow and Ray's report get."""
     p = trainer.progress
@@ -203,9 +191,9 @@ def fit(cfg, ctx: TrainContext, loaders: Loaders, plan: RunPlan) -> dict[str, An
         ctx.log(note)
     if orphans := ckpt.remove_orphaned_staging():  # every rank: each node has its own /tmp
         ctx.log(f"removed {len(orphans)} checkpoint staging folders left by killed workers")
-    with ctx.open_checkpoint() as resume:
-        if resume:
-            _resume(ctx, trainer, resume, plan)
+    with ctx.open_checkpoint() as resume_from:
+        if resume_from:
+            resume(ctx, trainer, resume_from, plan)
     progress = trainer.progress
     progress.world_size = ctx.world_size
     make_sync = getattr(ctx, "make_sync", None)  # a context of replica groups brings its own (rn50_ray/replica.py)
@@ -319,38 +307,3 @@ def _start_tags(ctx: TrainContext, loaders: Loaders, trainer: Trainer, plan: Run
         "memory_format": "channels_last" if trainer.channels_last else "contiguous",
         "accumulation": plan.batch.accum(0),
     }
-
-
-def _resume(ctx: TrainContext, trainer: Trainer, resume: str, plan: RunPlan) -> None:
-    state, resume, stack = ckpt.load_first_readable(ctx, resume)
-    with stack:
-        trainer.load_state_dict(state, keep_hyperparameters=ctx.from_init)
-    if ctx.from_init:
-        ctx.log(f"starting from another run's checkpoint {resume}, with this run's hyperparameters")
-    p = trainer.progress
-    ctx.log(f"resumed from {resume}: epoch {p.epoch}, step {p.step} ({p.step_in_epoch} into the epoch)")
-    if p.world_size and p.world_size != ctx.world_size:
-        p.resizes.append({"step": p.step, "old": p.world_size, "new": ctx.world_size})
-        ctx.log(
-            f"resize: world size {p.world_size} -> {ctx.world_size} at step {p.step}; {plan.batch.describe()}; "
-            f"the epoch goes on with the images it has not trained yet"
-        )
-
-
-def report(ctx: TrainContext, trainer: Trainer, metrics: dict[str, Any], best: bool = False) -> None:
-    """Every rank reports (a barrier under Ray); rank 0 writes the training state. A new best val top-1 is
-    also kept apart, as `best_<name>`, beyond the newest-K pruning. Rank 0 logs what the checkpoint cost: the
-    write to local staging, then storing it (Ray's upload to run.storage and its registration)."""
-    name = ckpt.checkpoint_name(trainer.progress.epoch, trainer.progress.step)
-    if ctx.world_rank != 0:
-        ctx.report(metrics, None, name)
-        return
-    t0 = time.perf_counter()
-    with ckpt.staging_dir() as tmp:
-        ckpt.save_checkpoint(tmp, trainer.state_dict(), trainer.cfg.to_yaml())
-        staged, size = time.perf_counter() - t0, sum(f.stat().st_size for f in Path(tmp).iterdir())
-        if best:
-            ctx.save_best(tmp, name)
-        ctx.report(metrics, tmp, name)
-    stored = time.perf_counter() - t0 - staged
-    ctx.log(f"checkpoint {name}: {size / 1e6:.0f} MB, staged in {staged:.1f} s, stored in {stored:.1f} s")

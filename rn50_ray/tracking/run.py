@@ -243,14 +243,14 @@ def log_results(
 
     from mlflow import MlflowClient
 
-    from rn50_ray.tracking import artifacts
+    from rn50_ray.tracking.artifacts import log_model, plots
 
     client = MlflowClient(tracked.uri)
     with tempfile.TemporaryDirectory(prefix="rn50-mlflow-") as tmp:
         for name, text in files.items():
             (Path(tmp) / name).write_text(text)
             client.log_artifact(tracked.run_id, str(Path(tmp) / name))
-        for path in artifacts.plots(cfg, plan, history, Path(tmp) / "plots", files):
+        for path in plots(cfg, plan, history, Path(tmp) / "plots", files):
             client.log_artifact(tracked.run_id, str(path), "plots")
     if best and not cfg.tracking.log_checkpoint:  # where it lies, instead of a copy (a search's trials)
         client.set_tag(tracked.run_id, "rn50.best_checkpoint", best)
@@ -259,7 +259,7 @@ def log_results(
             if cfg.tracking.log_checkpoint:
                 client.log_artifacts(tracked.run_id, local, "checkpoints/best")
             if cfg.tracking.log_model:
-                artifacts.log_model(tracked, cfg, local)
+                log_model(tracked, cfg, local)
 
 
 def log_run_folder(cfg: Config, plan: RunPlan, tracked: TrackedRun, run: str, best: str | None) -> None:
