@@ -31,10 +31,15 @@ def embedded_store(storage: str) -> tuple[str, str]:
     return f"sqlite:///{root / 'mlflow.db'}", (root / "mlartifacts").as_uri()
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a SQLite tracking URI; None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def make_store_folder(uri: str) -> None:
     """A SQLite store's folder, made where the store is first used, not where it is only named or checked."""
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if db := sqlite_file(uri):
+        db.parent.mkdir(parents=True, exist_ok=True)
 
 
 def resolve_uri(cfg: Config) -> tuple[str, str | None]:
@@ -43,8 +48,8 @@ def resolve_uri(cfg: Config) -> tuple[str, str | None]:
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
         return embedded_store(cfg.run.storage)
-    if uri.startswith("sqlite:///"):
-        return uri, (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    if db := sqlite_file(uri):
+        return uri, (db.parent / "mlartifacts").as_uri()
     return uri, None
 
 
@@ -57,7 +62,7 @@ def unreachable(uri: str) -> str | None:
 
             r = requests.get(uri.rstrip("/") + "/health", timeout=5)
             return None if r.ok else f"HTTP {r.status_code} from {uri}/health"
-        if uri.startswith("sqlite:///") and not (db := Path(uri.removeprefix("sqlite:///"))).exists():
+        if (db := sqlite_file(uri)) and not db.exists():
             # Made by the run's start, not by this check: a command refused later leaves no store behind.
             folder = next(p for p in db.parents if p.exists())
             return None if os.access(folder, os.W_OK) else f"{folder} is not writable"
